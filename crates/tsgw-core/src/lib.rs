@@ -8,8 +8,10 @@ pub mod extract;
 pub mod metrics;
 pub mod reading;
 pub mod secret;
+pub mod store;
 
 pub use metrics::Metrics;
 pub use reading::{Origin, Reading, SourceKind, Value};
 pub use secret::Secret;
+pub use store::{QueueKey, Queued, ReadingStore, StoreError};
 pub use thingspeak::{ChannelId, Field, Target};
