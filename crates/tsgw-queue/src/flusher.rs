@@ -1,0 +1,47 @@
+//! The background task that makes pushed readings durable.
+//!
+//! sled's own periodic flush is off (see `open`): this task fsyncs every
+//! `flush_interval_ms`, but only when something was written since the last
+//! flush, so an idle gateway does not touch the SD card. Each tick also
+//! refreshes `queue_oldest_age_seconds`, which grows while nothing happens.
+
+use std::sync::atomic::Ordering;
+
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+use crate::queue::DurableQueue;
+
+impl DurableQueue {
+    /// Flushes every `flush_interval_ms` while dirty and keeps the gauges
+    /// current; on `shutdown`, flushes once more and ends. Must be called from
+    /// within a tokio runtime.
+    pub fn spawn_flusher(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        let queue = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(queue.inner.config.flush_interval());
+            // After a slow flush (SD card stall), wait a full interval again
+            // instead of flushing back-to-back to catch up.
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if queue.inner.dirty.load(Ordering::Acquire) {
+                    if let Err(e) = queue.flush().await {
+                        error!(error = %e, "queue flush failed; retrying next interval");
+                    }
+                }
+                queue.refresh_age_gauge();
+            }
+            match queue.flush().await {
+                Ok(()) => debug!("queue flushed at shutdown"),
+                Err(e) => error!(error = %e, "final queue flush at shutdown failed"),
+            }
+            queue.refresh_age_gauge();
+        })
+    }
+}

@@ -1,0 +1,32 @@
+//! tsgw's durable queue: the only place a reading lives between a source and
+//! ThingSpeak.
+//!
+//! Built on sled 0.34, behind a small interface ([`DurableQueue`], which
+//! implements [`tsgw_core::ReadingStore`] for the forwarder). The rules:
+//! - **Order**: keys are `channel ++ seq` (big-endian), so each channel drains
+//!   oldest first; seqs only grow, across restarts too.
+//! - **Bounded**: encoded bytes never exceed `max_bytes`; a push that would,
+//!   first drops the globally oldest readings (`tsgw_queue_dropped_total{reason="full"}`).
+//! - **Durable**: a pushed reading is fsynced within `flush_interval_ms` by the
+//!   flusher task (only when something changed); a clean shutdown flushes.
+//! - **Self-healing**: an undecodable value is dropped and counted
+//!   (`reason="corrupt"`); a store that cannot be opened is moved aside to
+//!   `<dir>.corrupt-<unix-time>` and a clean one started
+//!   (`tsgw_queue_quarantined_total`).
+//! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, filled by
+//!   one scan at open.
+//!
+//! The value encoding is documented in [`codec`].
+
+pub mod codec;
+mod config;
+mod droplog;
+mod error;
+mod flusher;
+mod occupancy;
+mod open;
+mod queue;
+
+pub use config::QueueConfig;
+pub use error::QueueError;
+pub use queue::DurableQueue;

@@ -1,0 +1,272 @@
+//! Opening the store, and moving a broken one aside instead of crash-looping.
+//!
+//! A store is "broken" when its content is the problem: sled reports
+//! corruption or an unsupported layout, panics while recovering, the path is
+//! not a directory, the format marker is missing or unknown, or the first scan
+//! cannot read it. Then the directory is renamed to `<dir>.corrupt-<unix-time>`
+//! (kept for a post-mortem, never deleted), `tsgw_queue_quarantined_total` is
+//! incremented, an `error!` is logged and a clean store is started: the gateway
+//! comes back up by itself after a power cut.
+//!
+//! Causes outside the store (permission denied, another process holds its lock,
+//! disk full, read-only file system) are returned as [`QueueError::Open`]:
+//! moving the store aside would not help and would hide readings that are fine.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::{error, info, warn};
+use tsgw_core::Metrics;
+
+use crate::codec::{decode_key, decode_value};
+use crate::config::QueueConfig;
+use crate::error::QueueError;
+use crate::occupancy::Counts;
+
+/// Key in sled's default tree naming the layout of the `readings` tree.
+const FORMAT_KEY: &[u8] = b"tsgw-queue-format";
+/// Value of [`FORMAT_KEY`] for this layout (see `codec`).
+const FORMAT_MARKER: &[u8] = b"tsgw-queue/1";
+const READINGS_TREE: &[u8] = b"readings";
+
+/// An open, scanned store.
+pub struct Opened {
+    pub db: sled::Db,
+    pub readings: sled::Tree,
+    pub counts: Counts,
+    /// Highest seq found in the store (0 when empty).
+    pub max_seq: u64,
+}
+
+enum Failure {
+    /// The store's content is bad: quarantine it.
+    Broken(String),
+    /// Something outside the store: report, keep the store.
+    Environment(sled::Error),
+}
+
+pub fn open_or_quarantine(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, QueueError> {
+    let dir = &config.dir;
+    let cause = match try_open(config, metrics) {
+        Ok(opened) => return Ok(opened),
+        Err(Failure::Environment(source)) => {
+            return Err(QueueError::Open {
+                dir: dir.clone(),
+                source,
+            })
+        }
+        Err(Failure::Broken(cause)) => cause,
+    };
+
+    let aside = quarantine_path(dir);
+    error!(
+        dir = %dir.display(),
+        moved_to = %aside.display(),
+        %cause,
+        "queue store cannot be opened; moving it aside and starting an empty queue \
+         (readings in the old store are not forwarded)"
+    );
+    if let Err(e) = std::fs::rename(dir, &aside) {
+        return Err(QueueError::Quarantine {
+            dir: dir.clone(),
+            cause,
+            reason: format!("renaming it to {} failed: {e}", aside.display()),
+        });
+    }
+    metrics.queue_quarantined_total.inc();
+    match try_open(config, metrics) {
+        Ok(opened) => {
+            info!(dir = %dir.display(), "started a clean queue store");
+            Ok(opened)
+        }
+        Err(Failure::Broken(reason)) => Err(QueueError::Quarantine {
+            dir: dir.clone(),
+            cause,
+            reason: format!("the clean store is broken too: {reason}"),
+        }),
+        Err(Failure::Environment(e)) => Err(QueueError::Quarantine {
+            dir: dir.clone(),
+            cause,
+            reason: format!("opening a clean store failed: {e}"),
+        }),
+    }
+}
+
+/// `<dir>.corrupt-<unix-time>`, with a counter appended if that exists already.
+fn quarantine_path(dir: &Path) -> PathBuf {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{}.corrupt-{now}", dir.display());
+    let mut candidate = PathBuf::from(&base);
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{base}-{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> {
+    let sled_config = sled::Config::new()
+        .path(&config.dir)
+        .cache_capacity(config.cache_capacity_bytes)
+        // Our flusher decides when to fsync (only when dirty, every
+        // flush_interval_ms): sled's own 500 ms background flush would add
+        // writes on the SD card that the configured interval is meant to limit.
+        .flush_every_ms(None)
+        // Keeps space amplification low; write throughput is far above what
+        // a gateway ingests.
+        .mode(sled::Mode::LowSpace);
+
+    // sled 0.34 can panic (rather than return an error) on some damaged files.
+    let db = match catch_unwind(AssertUnwindSafe(|| sled_config.open())) {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Err(classify(e)),
+        Err(panic) => {
+            return Err(Failure::Broken(format!(
+                "sled panicked: {}",
+                panic_text(&panic)
+            )))
+        }
+    };
+
+    check_format(&db)?;
+    let readings = db
+        .open_tree(READINGS_TREE)
+        .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
+    let (counts, max_seq) = scan(&readings, metrics)?;
+    Ok(Opened {
+        db,
+        readings,
+        counts,
+        max_seq,
+    })
+}
+
+/// A fresh store gets the marker; an existing one must carry ours.
+fn check_format(db: &sled::Db) -> Result<(), Failure> {
+    let marker = db
+        .get(FORMAT_KEY)
+        .map_err(|e| broken_unless_environment("reading the format marker", e))?;
+    match marker {
+        Some(m) if m.as_ref() == FORMAT_MARKER => Ok(()),
+        Some(m) => Err(Failure::Broken(format!(
+            "unknown store format {:?} (expected {:?})",
+            String::from_utf8_lossy(&m),
+            String::from_utf8_lossy(FORMAT_MARKER)
+        ))),
+        None => {
+            let has_data = db.tree_names().len() > 1 || !db.is_empty();
+            if has_data {
+                return Err(Failure::Broken(
+                    "the directory holds a sled store that is not a tsgw queue".into(),
+                ));
+            }
+            db.insert(FORMAT_KEY, FORMAT_MARKER)
+                .map_err(|e| broken_unless_environment("writing the format marker", e))?;
+            db.flush()
+                .map_err(|e| broken_unless_environment("flushing the format marker", e))?;
+            Ok(())
+        }
+    }
+}
+
+/// Counts what the store holds and removes entries that do not decode.
+fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> {
+    let mut counts = Counts::default();
+    let mut max_seq = 0;
+    let mut corrupt: Vec<(sled::IVec, String)> = Vec::new();
+    let mut per_channel_corrupt: BTreeMap<String, u64> = BTreeMap::new();
+    for item in tree.iter() {
+        let (k, v) = item.map_err(|e| broken_unless_environment("scanning the queue", e))?;
+        let decoded = decode_key(&k).and_then(|key| decode_value(key.channel, &v).map(|_| key));
+        match decoded {
+            Ok(key) => {
+                counts.add(key.channel, (k.len() + v.len()) as u64);
+                max_seq = max_seq.max(key.seq);
+            }
+            Err(e) => {
+                let channel = decode_key(&k)
+                    .map(|key| key.channel.to_string())
+                    .unwrap_or_else(|_| "?".into());
+                *per_channel_corrupt.entry(channel).or_default() += 1;
+                corrupt.push((k, e.to_string()));
+            }
+        }
+    }
+    if !corrupt.is_empty() {
+        let mut batch = sled::Batch::default();
+        for (k, _) in &corrupt {
+            batch.remove(k.clone());
+        }
+        tree.apply_batch(batch)
+            .map_err(|e| broken_unless_environment("removing undecodable readings", e))?;
+        metrics
+            .queue_dropped_total
+            .with_label_values(&["corrupt"])
+            .inc_by(corrupt.len() as u64);
+        let first_reason = &corrupt[0].1;
+        warn!(
+            dropped = corrupt.len(),
+            per_channel = ?per_channel_corrupt,
+            first_reason = %first_reason,
+            "removed queued readings that could not be decoded"
+        );
+    }
+    Ok((counts, max_seq))
+}
+
+fn broken_unless_environment(what: &str, e: sled::Error) -> Failure {
+    match classify(e) {
+        Failure::Broken(cause) => Failure::Broken(format!("{what}: {cause}")),
+        env => env,
+    }
+}
+
+fn classify(e: sled::Error) -> Failure {
+    match &e {
+        sled::Error::Io(io) if is_environmental(io) => Failure::Environment(e),
+        _ => Failure::Broken(e.to_string()),
+    }
+}
+
+/// I/O errors whose cause lies outside the store's files.
+fn is_environmental(io: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    if matches!(
+        io.kind(),
+        ErrorKind::PermissionDenied | ErrorKind::WouldBlock
+    ) {
+        return true;
+    }
+    // sled reports a held lock as ErrorKind::Other with this text.
+    if io.to_string().contains("could not acquire lock") {
+        return true;
+    }
+    matches!(
+        io.raw_os_error(),
+        Some(
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EROFS
+                | libc::EACCES
+                | libc::EPERM
+                | libc::EBUSY
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+        )
+    )
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}

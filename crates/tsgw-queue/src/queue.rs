@@ -1,0 +1,448 @@
+//! The durable queue: readings on disk between ingest and upstream.
+//!
+//! Every mutation (push, remove, dropping a corrupt value) runs under one mutex,
+//! so the in-memory counts always match the store and the "oldest first"
+//! eviction never races a removal. Reads (`peek`, `oldest`) take no lock: sled's
+//! iterators are consistent per key, and a key that vanishes between a peek and
+//! its removal is simply ignored by `remove`.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tracing::{error, warn};
+use tsgw_core::{ChannelId, Metrics, QueueKey, Queued, Reading, ReadingStore, StoreError};
+
+use crate::codec::{
+    channel_prefix, decode_key, decode_measured_at, decode_value, encode_key, encode_value, KEY_LEN,
+};
+use crate::config::QueueConfig;
+use crate::droplog::DropLog;
+use crate::error::QueueError;
+use crate::occupancy::Counts;
+use crate::open::open_or_quarantine;
+
+/// At most one "queue full" warning per this period (with the count since the last).
+const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The on-disk queue of readings. Cheap to clone: all clones share one store.
+#[derive(Clone)]
+pub struct DurableQueue {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: sled::Db,
+    readings: sled::Tree,
+    pub(crate) config: QueueConfig,
+    metrics: Metrics,
+    state: Mutex<State>,
+    pushed: Arc<Notify>,
+    /// Set after every applied write; cleared by whoever starts a flush.
+    pub(crate) dirty: AtomicBool,
+}
+
+struct State {
+    counts: Counts,
+    /// Highest seq handed out (or found at open); new seqs are always above it.
+    last_seq: u64,
+    full_log: DropLog,
+}
+
+/// One stored reading chosen for eviction.
+struct Victim {
+    key: QueueKey,
+    raw_key: sled::IVec,
+    bytes: u64,
+}
+
+impl DurableQueue {
+    /// Opens (or creates) the store in `config.dir`, quarantining a broken one.
+    /// Scans it once to count readings and bytes and to drop undecodable values.
+    pub fn open(config: &QueueConfig, metrics: Metrics) -> Result<DurableQueue, QueueError> {
+        config.validate()?;
+        let opened = open_or_quarantine(config, &metrics)?;
+        let queue = DurableQueue {
+            inner: Arc::new(Inner {
+                db: opened.db,
+                readings: opened.readings,
+                config: config.clone(),
+                metrics,
+                state: Mutex::new(State {
+                    counts: opened.counts,
+                    last_seq: opened.max_seq,
+                    full_log: DropLog::new(FULL_LOG_EVERY),
+                }),
+                pushed: Arc::new(Notify::new()),
+                dirty: AtomicBool::new(false),
+            }),
+        };
+        queue.update_count_gauges(&queue.lock().counts);
+        queue.refresh_age_gauge();
+        Ok(queue)
+    }
+
+    /// Stores `readings` in one atomic batch, dropping the oldest queued
+    /// readings first if the batch would exceed `max_bytes`. The readings are
+    /// durable after the next flush (within `flush_interval_ms`).
+    pub fn push(&self, readings: &[Reading]) -> Result<(), QueueError> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let encoded: Vec<(ChannelId, Vec<u8>)> = readings
+            .iter()
+            .map(|r| (r.channel, encode_value(r)))
+            .collect();
+        let batch_bytes: u64 = encoded
+            .iter()
+            .map(|(_, v)| (KEY_LEN + v.len()) as u64)
+            .sum();
+        let max_bytes = self.inner.config.max_bytes;
+        if batch_bytes > max_bytes {
+            return Err(QueueError::BatchTooLarge {
+                readings: readings.len(),
+                bytes: batch_bytes,
+                max_bytes,
+            });
+        }
+
+        let mut state = self.lock();
+        let excess = (state.counts.total().bytes + batch_bytes).saturating_sub(max_bytes);
+        let victims = if excess > 0 {
+            self.oldest_victims(&state.counts, excess)
+                .map_err(QueueError::storage("choosing readings to drop"))?
+        } else {
+            Vec::new()
+        };
+
+        let mut batch = sled::Batch::default();
+        for v in &victims {
+            batch.remove(v.raw_key.clone());
+        }
+        let mut added = Vec::with_capacity(encoded.len());
+        for (channel, value) in encoded {
+            let seq = self.next_seq(&mut state)?;
+            let key = encode_key(QueueKey { channel, seq });
+            added.push((channel, (KEY_LEN + value.len()) as u64));
+            batch.insert(&key[..], value);
+        }
+        self.inner
+            .readings
+            .apply_batch(batch)
+            .map_err(QueueError::storage("push"))?;
+        self.inner.dirty.store(true, Ordering::Release);
+
+        for v in &victims {
+            state.counts.sub(v.key.channel, v.bytes);
+        }
+        for (channel, bytes) in added {
+            state.counts.add(channel, bytes);
+        }
+        self.update_count_gauges(&state.counts);
+        if !victims.is_empty() {
+            self.inner
+                .metrics
+                .queue_dropped_total
+                .with_label_values(&["full"])
+                .inc_by(victims.len() as u64);
+            if let Some(n) = state.full_log.record(victims.len() as u64, Instant::now()) {
+                warn!(
+                    dropped = n,
+                    max_bytes,
+                    "queue full (queue.max_bytes): dropped the oldest readings to make room"
+                );
+            }
+        }
+        drop(state);
+        self.inner.pushed.notify_one();
+        Ok(())
+    }
+
+    /// Readings currently queued.
+    pub fn len(&self) -> u64 {
+        self.lock().counts.total().readings
+    }
+
+    /// Encoded bytes (keys + values) currently queued; bounded by `max_bytes`.
+    pub fn bytes(&self) -> u64 {
+        self.lock().counts.total().bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `measured_at` of the reading that has been queued longest (lowest
+    /// seq across channels), i.e. of the next reading the "full" policy would
+    /// drop. This is the device's (or receive) time, not the enqueue time, so a
+    /// device with a wrong clock shows up here. `None` when empty.
+    pub fn oldest(&self) -> Option<DateTime<Utc>> {
+        let channels = self.lock().counts.channels();
+        let mut oldest: Option<(u64, sled::IVec)> = None;
+        for channel in channels {
+            // An error or undecodable entry is left to peek, which drops and counts it.
+            let Some(Ok((k, v))) = self
+                .inner
+                .readings
+                .scan_prefix(channel_prefix(channel))
+                .next()
+            else {
+                continue;
+            };
+            let Ok(key) = decode_key(&k) else { continue };
+            if oldest.as_ref().map_or(true, |(seq, _)| key.seq < *seq) {
+                oldest = Some((key.seq, v));
+            }
+        }
+        oldest.and_then(|(_, v)| decode_measured_at(&v).ok())
+    }
+
+    /// Makes everything pushed so far durable.
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        self.inner.dirty.store(false, Ordering::Release);
+        match self.inner.db.flush_async().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.inner.dirty.store(true, Ordering::Release);
+                Err(QueueError::Storage {
+                    op: "flush",
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// Sets `queue_oldest_age_seconds` from [`DurableQueue::oldest`] (0 when empty).
+    pub(crate) fn refresh_age_gauge(&self) {
+        let age = self
+            .oldest()
+            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        self.inner.metrics.queue_oldest_age_seconds.set(age);
+    }
+
+    fn update_count_gauges(&self, counts: &Counts) {
+        let total = counts.total();
+        let m = &self.inner.metrics;
+        m.queue_readings
+            .set(i64::try_from(total.readings).unwrap_or(i64::MAX));
+        m.queue_bytes
+            .set(i64::try_from(total.bytes).unwrap_or(i64::MAX));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code path panics while holding the lock; if one ever did, the
+        // counts are still usable (at worst off by one batch), so keep going.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A seq above every seq ever handed out, also across restarts: sled's
+    /// persisted id generator survives crashes (it skips ahead on recovery), and
+    /// `last_seq` (seeded with the highest stored seq) guards against it ever
+    /// going backwards.
+    fn next_seq(&self, state: &mut State) -> Result<u64, QueueError> {
+        let id = self
+            .inner
+            .db
+            .generate_id()
+            .map_err(QueueError::storage("generating a sequence number"))?;
+        let seq = id.max(state.last_seq + 1);
+        state.last_seq = seq;
+        Ok(seq)
+    }
+
+    /// The globally oldest readings (lowest seq across all channels) whose
+    /// encoded size adds up to at least `need` bytes: a k-way merge over the
+    /// channels' prefix scans, so only the heads are read.
+    fn oldest_victims(&self, counts: &Counts, need: u64) -> Result<Vec<Victim>, sled::Error> {
+        let mut iters: Vec<sled::Iter> = counts
+            .channels()
+            .into_iter()
+            .map(|ch| self.inner.readings.scan_prefix(channel_prefix(ch)))
+            .collect();
+        let mut heap = BinaryHeap::new();
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some(item) = it.next() {
+                let (k, v) = item?;
+                heap.push(Reverse(head(i, k, v.len())));
+            }
+        }
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        while freed < need {
+            let Some(Reverse(h)) = heap.pop() else { break };
+            if let Some(key) = h.key {
+                freed += h.bytes;
+                victims.push(Victim {
+                    key,
+                    raw_key: h.raw_key,
+                    bytes: h.bytes,
+                });
+            }
+            if let Some(item) = iters.get_mut(h.iter).and_then(Iterator::next) {
+                let (k, v) = item?;
+                heap.push(Reverse(head(h.iter, k, v.len())));
+            }
+        }
+        Ok(victims)
+    }
+
+    /// Removes entries that failed to decode, counting and logging each.
+    fn drop_corrupt(&self, entries: Vec<(sled::IVec, String)>) {
+        let mut state = self.lock();
+        let mut batch = sled::Batch::default();
+        let mut removed = Vec::new();
+        for (raw_key, reason) in entries {
+            match self.inner.readings.get(&raw_key) {
+                Ok(Some(v)) => {
+                    let key = decode_key(&raw_key).ok();
+                    error!(
+                        channel = key.map(|k| k.channel.get()),
+                        seq = key.map(|k| k.seq),
+                        %reason,
+                        "dropping a queued reading that cannot be decoded"
+                    );
+                    removed.push((key, (raw_key.len() + v.len()) as u64));
+                    batch.remove(raw_key);
+                }
+                Ok(None) => {}
+                Err(e) => error!(error = %e, "reading a corrupt queue entry failed"),
+            }
+        }
+        if removed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.readings.apply_batch(batch) {
+            error!(error = %e, "removing corrupt queue entries failed");
+            return;
+        }
+        self.inner.dirty.store(true, Ordering::Release);
+        for (key, bytes) in &removed {
+            if let Some(key) = key {
+                state.counts.sub(key.channel, *bytes);
+            }
+        }
+        self.update_count_gauges(&state.counts);
+        self.inner
+            .metrics
+            .queue_dropped_total
+            .with_label_values(&["corrupt"])
+            .inc_by(removed.len() as u64);
+    }
+
+    fn peek_inner(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, QueueError> {
+        let mut out = Vec::with_capacity(max.min(1024));
+        let mut corrupt = Vec::new();
+        for item in self.inner.readings.scan_prefix(channel_prefix(channel)) {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = item.map_err(QueueError::storage("peek"))?;
+            let decoded = decode_key(&k).and_then(|key| {
+                decode_value(key.channel, &v).map(|reading| Queued { key, reading })
+            });
+            match decoded {
+                Ok(q) => out.push(q),
+                Err(e) => corrupt.push((k, e.to_string())),
+            }
+        }
+        if !corrupt.is_empty() {
+            self.drop_corrupt(corrupt);
+        }
+        Ok(out)
+    }
+
+    fn remove_inner(&self, keys: &[QueueKey]) -> Result<(), QueueError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.lock();
+        let mut batch = sled::Batch::default();
+        let mut removed = Vec::new();
+        for key in keys {
+            let raw = encode_key(*key);
+            if let Some(v) = self
+                .inner
+                .readings
+                .get(raw)
+                .map_err(QueueError::storage("remove"))?
+            {
+                removed.push((key.channel, (KEY_LEN + v.len()) as u64));
+                batch.remove(&raw[..]);
+            }
+        }
+        if removed.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .readings
+            .apply_batch(batch)
+            .map_err(QueueError::storage("remove"))?;
+        self.inner.dirty.store(true, Ordering::Release);
+        for (channel, bytes) in removed {
+            state.counts.sub(channel, bytes);
+        }
+        self.update_count_gauges(&state.counts);
+        Ok(())
+    }
+}
+
+/// The current head of one channel's scan in the eviction merge. Ordered by
+/// seq first, so the heap yields the globally oldest.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Head {
+    seq: u64,
+    iter: usize,
+    /// `None` for a key that does not decode. Cannot happen (open drops such
+    /// keys, push writes valid ones); skipped rather than trusted.
+    key: Option<QueueKey>,
+    raw_key: sled::IVec,
+    bytes: u64,
+}
+
+fn head(iter: usize, raw_key: sled::IVec, value_len: usize) -> Head {
+    let key = decode_key(&raw_key).ok();
+    Head {
+        seq: key.map_or(0, |k| k.seq),
+        iter,
+        key,
+        bytes: (raw_key.len() + value_len) as u64,
+        raw_key,
+    }
+}
+
+impl Drop for Inner {
+    /// Last line of defence for a clean shutdown that skipped the flusher.
+    fn drop(&mut self) {
+        if let Err(e) = self.db.flush() {
+            error!(error = %e, dir = %self.config.dir.display(), "final queue flush failed");
+        }
+    }
+}
+
+impl ReadingStore for DurableQueue {
+    fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+        Ok(self.lock().counts.channels())
+    }
+
+    fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
+        self.peek_inner(channel, max)
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
+        self.remove_inner(keys)
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn pushed(&self) -> Arc<Notify> {
+        self.inner.pushed.clone()
+    }
+}
