@@ -1,0 +1,361 @@
+//! One bus task: a transport (a serial line or a TCP connection) and the units
+//! polled over it, one request at a time.
+//!
+//! Scheduling is earliest-due-first, so every unit gets its turn whatever the
+//! others do. A unit that stops answering costs the bus at most
+//! `timeout × (1 + retries)` in the cycle it dies, then is probed with a single
+//! attempt per cycle, its polls backed off exponentially (up to
+//! [`MAX_BACKOFF`] or its poll interval, whichever is longer) until it answers.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_modbus::client::Context;
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::Slave;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use tsgw_core::{ChannelId, Metrics, Origin, Reading, SourceKind, Value};
+
+use crate::config::{ModbusDeviceConfig, PointConfig};
+use crate::decode::{decode_point, BlockData, DecodeError};
+use crate::link::{Endpoint, Failure, Outcome};
+use crate::plan::{plan_reads, ReadBlock};
+
+/// Longest pause between probes of a unit that does not answer (unless its
+/// poll interval is longer).
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+const SOURCE: &str = "modbus";
+
+/// One device (unit id) on a bus and its polling state.
+pub(crate) struct Unit {
+    name: String,
+    unit_id: u8,
+    channel: ChannelId,
+    points: Vec<PointConfig>,
+    blocks: Vec<ReadBlock>,
+    interval: Duration,
+    timeout: Duration,
+    retries: u32,
+    next_due: Instant,
+    /// Consecutive cycles that ended without an answer.
+    failures: u32,
+}
+
+impl Unit {
+    pub(crate) fn new(cfg: &ModbusDeviceConfig) -> Self {
+        Unit {
+            name: cfg.name.clone(),
+            unit_id: cfg.unit_id,
+            channel: cfg.channel,
+            blocks: plan_reads(&cfg.points, cfg.max_gap),
+            points: cfg.points.clone(),
+            interval: Duration::from_millis(cfg.poll_interval_ms),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            retries: cfg.retries,
+            next_due: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    /// Pause after the `failures`-th failed cycle in a row.
+    fn backoff(&self) -> Duration {
+        let cap = MAX_BACKOFF.max(self.interval);
+        let factor = 1u32 << self.failures.min(16);
+        self.interval.saturating_mul(factor).min(cap)
+    }
+}
+
+/// The readings channel is closed: the gateway is shutting down.
+struct Closed;
+
+pub(crate) struct Bus {
+    endpoint: Endpoint,
+    units: Vec<Unit>,
+    ctx: Option<Context>,
+    last_request: Option<Instant>,
+    readings: mpsc::Sender<Reading>,
+    metrics: Metrics,
+}
+
+impl Bus {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        units: Vec<Unit>,
+        readings: mpsc::Sender<Reading>,
+        metrics: Metrics,
+    ) -> Self {
+        for unit in &units {
+            // Make the gauge visible (as down) before the first poll.
+            metrics
+                .device_up
+                .with_label_values(&[SOURCE, &unit.name])
+                .set(0);
+        }
+        Bus {
+            endpoint,
+            units,
+            ctx: None,
+            last_request: None,
+            readings,
+            metrics,
+        }
+    }
+
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let Some(index) = self.next_unit() else {
+                return;
+            };
+            let due = self.units[index].next_due;
+            let polled = tokio::select! {
+                () = shutdown.cancelled() => break,
+                polled = async {
+                    sleep_until(due).await;
+                    self.poll(index).await
+                } => polled,
+            };
+            if polled.is_err() {
+                debug!(
+                    bus = self.endpoint.label(),
+                    "readings channel closed; stopping"
+                );
+                break;
+            }
+        }
+        if let Some(mut ctx) = self.ctx.take() {
+            use tokio_modbus::client::Client as _;
+            // Best effort: a polite close; the drop closes the socket or port anyway.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ctx.disconnect()).await;
+        }
+    }
+
+    fn next_unit(&self) -> Option<usize> {
+        (0..self.units.len()).min_by_key(|&i| self.units[i].next_due)
+    }
+
+    fn count_error(&self, device: &str, kind: &str) {
+        self.metrics
+            .device_errors_total
+            .with_label_values(&[SOURCE, device, kind])
+            .inc();
+    }
+
+    /// One poll cycle of one unit: every block, in plan order.
+    async fn poll(&mut self, index: usize) -> Result<(), Closed> {
+        let measured_at = Utc::now();
+        let unit = &self.units[index];
+        let name = unit.name.clone();
+        // A unit already failing gets a single probe, so it cannot hog a shared bus.
+        let attempts = if unit.failures == 0 {
+            1 + unit.retries
+        } else {
+            1
+        };
+        let blocks = unit.blocks.clone();
+        let mut answered = false;
+        let mut failure: Option<(Failure, String)> = None;
+        for block in &blocks {
+            match self.request(index, block, attempts).await {
+                Outcome::Data(data) => {
+                    answered = true;
+                    emit(
+                        &self.units[index],
+                        &self.metrics,
+                        &self.readings,
+                        block,
+                        &data,
+                        measured_at,
+                    )
+                    .await?;
+                }
+                Outcome::Exception(code) => {
+                    answered = true;
+                    self.count_error(&name, "exception");
+                    warn!(
+                        device = %name,
+                        "exception {code:?} reading {} {}..{}",
+                        block.kind.describe(),
+                        block.start,
+                        u32::from(block.start) + u32::from(block.count)
+                    );
+                }
+                Outcome::Failed(kind, message) => {
+                    // The unit (or the link) is gone: leave the bus to the others.
+                    failure = Some((kind, message));
+                    break;
+                }
+            }
+        }
+
+        let now = Instant::now();
+        let up = self.metrics.device_up.with_label_values(&[SOURCE, &name]);
+        let unit = &mut self.units[index];
+        match failure {
+            None => {
+                if unit.failures > 0 {
+                    info!(device = %name, "answering again");
+                }
+                unit.failures = 0;
+                up.set(1);
+                unit.next_due = (unit.next_due + unit.interval).max(now);
+            }
+            Some((kind, message)) => {
+                unit.failures = unit.failures.saturating_add(1);
+                up.set(0);
+                let backoff = unit.backoff();
+                if unit.failures == 1 {
+                    warn!(device = %name, bus = self.endpoint.label(), kind = kind.kind(),
+                        answered, "not answering ({message}); retrying in {backoff:?}");
+                } else {
+                    debug!(device = %name, kind = kind.kind(), failures = unit.failures,
+                        "still not answering ({message}); retrying in {backoff:?}");
+                }
+                unit.next_due = now + backoff;
+            }
+        }
+        Ok(())
+    }
+
+    /// One block read with up to `attempts` tries, (re)opening the link as needed.
+    async fn request(&mut self, index: usize, block: &ReadBlock, attempts: u32) -> Outcome {
+        let unit_id = self.units[index].unit_id;
+        let timeout = self.units[index].timeout;
+        let name = self.units[index].name.clone();
+        let mut last = Outcome::Failed(Failure::Io, "no attempt made".to_owned());
+        for _ in 0..attempts {
+            let ctx = match self.ctx.take() {
+                Some(ctx) => ctx,
+                None => match self.endpoint.open(timeout).await {
+                    Ok(ctx) => {
+                        info!(bus = self.endpoint.label(), "opened");
+                        ctx
+                    }
+                    Err(err) => {
+                        // A failed connect is not retried within the cycle: the
+                        // backoff paces reconnects.
+                        self.count_error(&name, Failure::Io.kind());
+                        return Outcome::Failed(
+                            Failure::Io,
+                            format!("cannot open {}: {err}", self.endpoint.label()),
+                        );
+                    }
+                },
+            };
+            let mut ctx = ctx;
+            quiet_time(self.endpoint.inter_frame_delay(), self.last_request).await;
+            ctx.set_slave(Slave(unit_id));
+            let outcome = self.endpoint.read(&mut ctx, block, timeout).await;
+            self.last_request = Some(Instant::now());
+            match outcome {
+                Outcome::Failed(failure, message) => {
+                    self.count_error(&name, failure.kind());
+                    debug!(device = %name, kind = failure.kind(), "request failed: {message}");
+                    if !self.endpoint.must_reopen_after(failure) {
+                        self.ctx = Some(ctx);
+                    }
+                    last = Outcome::Failed(failure, message);
+                }
+                answer => {
+                    self.ctx = Some(ctx);
+                    return answer;
+                }
+            }
+        }
+        last
+    }
+}
+
+/// Keeps the configured silence between the end of one exchange and the next request.
+async fn quiet_time(delay: Duration, last_request: Option<Instant>) {
+    if delay.is_zero() {
+        return;
+    }
+    match last_request {
+        Some(last) => sleep_until(last + delay).await,
+        None => sleep(delay).await,
+    }
+}
+
+/// Decodes the block's points and sends their readings.
+async fn emit(
+    unit: &Unit,
+    metrics: &Metrics,
+    readings: &mpsc::Sender<Reading>,
+    block: &ReadBlock,
+    data: &BlockData,
+    measured_at: DateTime<Utc>,
+) -> Result<(), Closed> {
+    for &i in &block.points {
+        let Some(point) = unit.points.get(i) else {
+            continue;
+        };
+        let value = match decode_point(point, block.start, data) {
+            Ok(value) => value,
+            Err(err) => {
+                let reason = match err {
+                    DecodeError::NotFinite(_) => "not_finite",
+                    DecodeError::Short { .. } | DecodeError::WrongTable => "decode",
+                };
+                metrics
+                    .parse_errors_total
+                    .with_label_values(&[SOURCE, &unit.name, reason])
+                    .inc();
+                debug!(device = %unit.name, "{}: {err}", point.describe(i));
+                continue;
+            }
+        };
+        let reading = Reading {
+            channel: point.channel.unwrap_or(unit.channel),
+            target: point.target,
+            value: Value::Number(value),
+            measured_at,
+            origin: Origin::new(SourceKind::Modbus, unit.name.clone()),
+        };
+        readings.send(reading).await.map_err(|_| Closed)?;
+        metrics
+            .readings_total
+            .with_label_values(&[SOURCE, &unit.name, "accepted"])
+            .inc();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(interval_ms: u64, failures: u32) -> Unit {
+        let cfg: ModbusDeviceConfig = serde_json_like();
+        let mut u = Unit::new(&cfg);
+        u.interval = Duration::from_millis(interval_ms);
+        u.failures = failures;
+        u
+    }
+
+    fn serde_json_like() -> ModbusDeviceConfig {
+        toml::from_str(
+            r#"
+            name = "d"
+            unit_id = 1
+            channel = 1
+            transport.tcp.address = "127.0.0.1:1"
+            points = [{ kind = "input", address = 0, type = "u16", target = "field1" }]
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(unit(1000, 1).backoff(), Duration::from_secs(2));
+        assert_eq!(unit(1000, 3).backoff(), Duration::from_secs(8));
+        assert_eq!(unit(1000, 10).backoff(), MAX_BACKOFF);
+        assert_eq!(unit(1000, u32::MAX).backoff(), MAX_BACKOFF);
+        // A slow poll interval is never polled faster than configured.
+        assert_eq!(unit(60_000, 5).backoff(), Duration::from_secs(60));
+    }
+}
