@@ -270,3 +270,57 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn environment_errors_keep_the_store() {
+        let env = [
+            io::Error::from(io::ErrorKind::PermissionDenied),
+            io::Error::from_raw_os_error(libc::ENOSPC),
+            io::Error::from_raw_os_error(libc::EROFS),
+            io::Error::new(
+                io::ErrorKind::Other,
+                "could not acquire lock on \"/q/db\": Os { code: 11 }",
+            ),
+        ];
+        for e in env {
+            let text = e.to_string();
+            assert!(
+                matches!(classify(sled::Error::Io(e)), Failure::Environment(_)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_errors_quarantine() {
+        let broken = [
+            sled::Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            sled::Error::Io(io::Error::from_raw_os_error(libc::ENOTDIR)),
+            sled::Error::Unsupported("segment size changed".into()),
+            sled::Error::ReportableBug("oops".into()),
+        ];
+        for e in broken {
+            let text = e.to_string();
+            assert!(matches!(classify(e), Failure::Broken(_)), "{text}");
+        }
+    }
+
+    #[test]
+    fn quarantine_names_do_not_collide() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        let first = quarantine_path(&dir);
+        std::fs::create_dir(&first).unwrap();
+        let second = quarantine_path(&dir);
+        assert_ne!(first, second);
+        assert!(
+            second.to_string_lossy().contains("q.corrupt-"),
+            "{second:?}"
+        );
+    }
+}

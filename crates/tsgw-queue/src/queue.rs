@@ -446,3 +446,201 @@ impl ReadingStore for DurableQueue {
         self.inner.pushed.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tsgw_core::{Field, Origin, SourceKind, Target, Value};
+
+    fn ch(n: u64) -> ChannelId {
+        ChannelId::new(n).unwrap()
+    }
+
+    fn reading(channel: u64, n: f64) -> Reading {
+        Reading {
+            channel: ch(channel),
+            target: Target::Field(Field::new(1).unwrap()),
+            value: Value::Number(n),
+            measured_at: DateTime::from_timestamp(1_764_000_000 + n as i64, 0).unwrap(),
+            origin: Origin::new(SourceKind::Serial, "arduino"),
+        }
+    }
+
+    fn open(dir: &std::path::Path, max_bytes: u64) -> (DurableQueue, Metrics) {
+        let metrics = Metrics::new();
+        let config = QueueConfig {
+            dir: dir.join("q"),
+            max_bytes,
+            ..QueueConfig::default()
+        };
+        (
+            DurableQueue::open(&config, metrics.clone()).unwrap(),
+            metrics,
+        )
+    }
+
+    fn values(q: &DurableQueue, channel: u64) -> Vec<f64> {
+        q.peek(ch(channel), usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(|q| q.reading.value.as_f64())
+            .collect()
+    }
+
+    #[test]
+    fn each_channel_drains_oldest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, metrics) = open(tmp.path(), 1 << 20);
+        q.push(&[reading(2, 1.0), reading(1, 2.0)]).unwrap();
+        q.push(&[reading(2, 3.0)]).unwrap();
+        q.push(&[reading(1, 4.0), reading(2, 5.0)]).unwrap();
+        assert_eq!(q.channels().unwrap(), vec![ch(1), ch(2)]);
+        assert_eq!(values(&q, 1), vec![2.0, 4.0]);
+        assert_eq!(values(&q, 2), vec![1.0, 3.0, 5.0]);
+        assert_eq!(q.len(), 5);
+        assert_eq!(metrics.queue_readings.get(), 5);
+
+        let first_two = q.peek(ch(2), 2).unwrap();
+        assert_eq!(first_two.len(), 2);
+        assert!(first_two[0].key.seq < first_two[1].key.seq);
+        assert_eq!(first_two[0].reading, reading(2, 1.0));
+        q.remove(&[first_two[0].key, first_two[1].key]).unwrap();
+        // Removing again (e.g. a retried confirmation) is harmless.
+        q.remove(&[first_two[0].key]).unwrap();
+        assert_eq!(values(&q, 2), vec![5.0]);
+        assert_eq!(q.len(), 3);
+
+        let rest: Vec<QueueKey> = [1, 2]
+            .iter()
+            .flat_map(|c| q.peek(ch(*c), 10).unwrap())
+            .map(|q| q.key)
+            .collect();
+        q.remove(&rest).unwrap();
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
+        assert!(q.channels().unwrap().is_empty());
+        assert_eq!(q.oldest(), None);
+        assert_eq!(metrics.queue_bytes.get(), 0);
+    }
+
+    #[test]
+    fn oldest_is_measured_at_of_longest_queued_reading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, _) = open(tmp.path(), 1 << 20);
+        q.push(&[reading(5, 30.0)]).unwrap();
+        q.push(&[reading(3, 10.0)]).unwrap();
+        // Channel 3 sorts first, but channel 5's reading was queued first.
+        assert_eq!(q.oldest(), Some(reading(5, 30.0).measured_at));
+    }
+
+    #[test]
+    fn full_queue_drops_globally_oldest_and_stays_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let per_reading = (KEY_LEN + encode_value(&reading(1, 0.0)).len()) as u64;
+        let max = 10 * per_reading;
+        let (q, metrics) = open(tmp.path(), 1024.max(max));
+        let capacity = q.inner.config.max_bytes / per_reading;
+        // Alternate channels so "oldest" must be decided across channels.
+        for i in 0..capacity + 5 {
+            q.push(&[reading(1 + i % 2, i as f64)]).unwrap();
+            assert!(q.bytes() <= q.inner.config.max_bytes);
+        }
+        assert_eq!(q.len(), capacity);
+        let dropped = metrics
+            .queue_dropped_total
+            .with_label_values(&["full"])
+            .get();
+        assert_eq!(dropped, 5);
+        let mut kept: Vec<f64> = values(&q, 1).into_iter().chain(values(&q, 2)).collect();
+        kept.sort_by(f64::total_cmp);
+        let expected: Vec<f64> = (5..capacity + 5).map(|i| i as f64).collect();
+        assert_eq!(kept, expected);
+        assert_eq!(metrics.queue_bytes.get() as u64, q.bytes());
+    }
+
+    #[test]
+    fn batch_larger_than_the_bound_is_refused_without_dropping() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, _) = open(tmp.path(), 1024);
+        q.push(&[reading(1, 0.0)]).unwrap();
+        let big: Vec<Reading> = (0..100).map(|i| reading(1, i as f64)).collect();
+        let err = q.push(&big).unwrap_err();
+        assert!(
+            matches!(err, QueueError::BatchTooLarge { readings: 100, .. }),
+            "{err}"
+        );
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_value_is_dropped_counted_and_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, metrics) = open(tmp.path(), 1 << 20);
+        q.push(&[reading(1, 1.0)]).unwrap();
+        let bad_key = encode_key(QueueKey {
+            channel: ch(1),
+            seq: q.lock().last_seq + 1,
+        });
+        // Simulate a damaged value between two good ones, counted like a real entry.
+        q.inner.readings.insert(bad_key, &[7u8, 1, 2][..]).unwrap();
+        q.lock().counts.add(ch(1), (KEY_LEN + 3) as u64);
+        q.lock().last_seq += 1;
+        q.push(&[reading(1, 2.0)]).unwrap();
+        assert_eq!(q.len(), 3);
+
+        assert_eq!(values(&q, 1), vec![1.0, 2.0]);
+        assert_eq!(
+            metrics
+                .queue_dropped_total
+                .with_label_values(&["corrupt"])
+                .get(),
+            1
+        );
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.inner.readings.get(bad_key).unwrap(), None);
+    }
+
+    #[test]
+    fn push_wakes_the_consumer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, _) = open(tmp.path(), 1 << 20);
+        let notify = q.pushed();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        q.push(&[reading(1, 1.0)]).unwrap();
+        // notify_one stores a permit, so a consumer that was busy still wakes.
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), notify.notified())
+                .await
+                .expect("push did not notify")
+        });
+    }
+
+    #[test]
+    fn reopen_keeps_readings_counts_and_seq_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let last_seq;
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            q.push(&[reading(1, 1.0), reading(2, 2.0)]).unwrap();
+            last_seq = q.peek(ch(2), 1).unwrap()[0].key.seq;
+            // Dropping the last handle flushes.
+        }
+        let (q, metrics) = open(tmp.path(), 1 << 20);
+        assert_eq!(q.len(), 2);
+        assert_eq!(metrics.queue_readings.get(), 2);
+        q.push(&[reading(2, 3.0)]).unwrap();
+        let keys: Vec<u64> = q
+            .peek(ch(2), 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.key.seq)
+            .collect();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0], last_seq);
+        assert!(keys[1] > last_seq);
+        assert_eq!(values(&q, 2), vec![2.0, 3.0]);
+    }
+}
