@@ -6,15 +6,17 @@
 //! value in a message is reported in [`Extraction::errors`] and the good values
 //! of the same message are still used.
 
+mod csv;
 mod json;
 mod key_value;
 mod plain;
+mod regex;
 mod time;
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thingspeak::{ChannelId, Target};
 
 use crate::reading::Value;
@@ -23,7 +25,7 @@ pub use time::parse_timestamp;
 
 /// Where an extracted value goes, as written in the config: either just the
 /// target (`"field1"`) or a table with optional channel override, scale and offset.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum DestinationSpec {
     Target(Target),
@@ -39,7 +41,7 @@ pub enum DestinationSpec {
 }
 
 /// A payload format and the mapping of its parts to channel targets, as configured.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "format", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PayloadFormat {
     /// The whole payload is one value (number or text).
@@ -61,6 +63,23 @@ pub enum PayloadFormat {
         /// Key whose value is the measurement time.
         #[serde(default)]
         time_key: Option<String>,
+    },
+    /// Header-less delimited columns such as `21.5,40`; keys are column numbers, 0 first.
+    Csv {
+        columns: BTreeMap<String, DestinationSpec>,
+        #[serde(default = "default_pair_separator")]
+        separator: String,
+        /// Column holding the measurement time.
+        #[serde(default)]
+        time_column: Option<usize>,
+    },
+    /// A regular expression; each named group (`(?P<temp>...)`) feeds one target.
+    Regex {
+        pattern: String,
+        fields: BTreeMap<String, DestinationSpec>,
+        /// Named group holding the measurement time.
+        #[serde(default)]
+        time_group: Option<String>,
     },
 }
 
@@ -153,6 +172,12 @@ pub enum ExtractError {
     Empty,
     #[error("payload matched no configured key")]
     NothingMatched,
+    #[error("payload does not match the configured pattern")]
+    NoMatch,
+    #[error("named group {group:?} did not take part in the match")]
+    MissingGroup { group: String },
+    #[error("column {column} is missing (the line has {columns} columns)")]
+    MissingColumn { column: usize, columns: usize },
     #[error("{0}")]
     Other(String),
 }
@@ -170,6 +195,9 @@ impl ExtractError {
             ExtractError::BadTime(_) => "bad_time",
             ExtractError::Empty => "empty",
             ExtractError::NothingMatched => "nothing_matched",
+            ExtractError::NoMatch => "no_match",
+            ExtractError::MissingGroup { .. } => "missing_group",
+            ExtractError::MissingColumn { .. } => "missing_column",
             ExtractError::Other(_) => "other",
         }
     }
@@ -201,6 +229,8 @@ pub enum Extractor {
     Plain(plain::Plain),
     Json(json::Json),
     KeyValue(key_value::KeyValue),
+    Csv(csv::Csv),
+    Regex(regex::Regex),
 }
 
 impl Extractor {
@@ -238,6 +268,24 @@ impl Extractor {
                 kv_separator.clone(),
                 time_key.clone(),
             )?),
+            PayloadFormat::Csv {
+                columns,
+                separator,
+                time_column,
+            } => Extractor::Csv(csv::Csv::new(
+                resolve_all(columns)?,
+                separator.clone(),
+                *time_column,
+            )?),
+            PayloadFormat::Regex {
+                pattern,
+                fields,
+                time_group,
+            } => Extractor::Regex(regex::Regex::new(
+                pattern,
+                resolve_all(fields)?,
+                time_group.clone(),
+            )?),
         })
     }
 
@@ -258,6 +306,8 @@ impl Extractor {
             Extractor::Plain(p) => p.extract(text),
             Extractor::Json(j) => j.extract(text),
             Extractor::KeyValue(kv) => kv.extract(text),
+            Extractor::Csv(c) => c.extract(text),
+            Extractor::Regex(r) => r.extract(text),
         };
         if out.values.is_empty() && out.errors.is_empty() {
             out.errors.push(ExtractError::NothingMatched);
