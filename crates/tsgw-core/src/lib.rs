@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod reading;
 pub mod secret;
 pub mod store;
+pub mod throttle;
 
 pub use metrics::Metrics;
 pub use reading::{Origin, Reading, SourceKind, Value};
