@@ -1,0 +1,326 @@
+//! The `[upstream]` configuration: where ThingSpeak is, how to reach it, and
+//! how often each channel may be updated.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thingspeak::ChannelId;
+use tsgw_core::Secret;
+
+use crate::error::ForwarderError;
+
+/// How the connection to the broker is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// MQTT over TLS (port 8883).
+    #[default]
+    Tls,
+    /// MQTT over WebSocket over TLS (port 443, path `/mqtt`).
+    Wss,
+    /// Plain MQTT (port 1883). Unencrypted: only when configured explicitly.
+    Tcp,
+    /// MQTT over plain WebSocket (port 80). Unencrypted: only when configured explicitly.
+    Ws,
+}
+
+impl Transport {
+    pub fn default_port(self) -> u16 {
+        match self {
+            Transport::Tls => 8883,
+            Transport::Wss => 443,
+            Transport::Tcp => 1883,
+            Transport::Ws => 80,
+        }
+    }
+
+    pub fn is_encrypted(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls",
+            Transport::Wss => "wss",
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// Settings for one channel that differ from the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelOverride {
+    /// Minimum seconds between two updates of this channel.
+    pub update_interval_secs: Option<f64>,
+}
+
+/// Connection to ThingSpeak and the update schedule.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub host: String,
+    /// Defaults by transport: tls 8883, wss 443, tcp 1883, ws 80.
+    pub port: Option<u16>,
+    pub transport: Transport,
+    /// A PEM file of CA certificates trusted in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// The MQTT device's client id, username and password (from the ThingSpeak UI).
+    pub client_id: String,
+    pub username: String,
+    pub password: Secret,
+    pub keep_alive_secs: u64,
+    /// Minimum seconds between two updates of one channel (free licence: 15).
+    pub update_interval_secs: f64,
+    /// Reconnect backoff bounds, seconds.
+    pub reconnect_min_secs: f64,
+    pub reconnect_max_secs: f64,
+    /// Per-channel overrides, keyed by channel id.
+    pub channels: BTreeMap<String, ChannelOverride>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            host: "mqtt3.thingspeak.com".into(),
+            port: None,
+            transport: Transport::Tls,
+            ca_file: None,
+            client_id: String::new(),
+            username: String::new(),
+            password: Secret::default(),
+            keep_alive_secs: 60,
+            update_interval_secs: 15.0,
+            reconnect_min_secs: 1.0,
+            reconnect_max_secs: 60.0,
+            channels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Longest keep-alive MQTT 3.1.1 can express.
+const MAX_KEEP_ALIVE_SECS: u64 = u16::MAX as u64;
+/// Largest number of seconds accepted anywhere (a day): larger is a typo.
+const MAX_SECS: f64 = 86_400.0;
+
+fn bad(key: &str, message: impl Into<String>) -> ForwarderError {
+    ForwarderError::Config {
+        key: format!("upstream.{key}"),
+        message: message.into(),
+    }
+}
+
+fn check_secs(key: &str, v: f64, min: f64) -> Result<(), ForwarderError> {
+    if !v.is_finite() || v < min || v > MAX_SECS {
+        return Err(bad(
+            key,
+            format!("{v} is not a number of seconds from {min} to {MAX_SECS}"),
+        ));
+    }
+    Ok(())
+}
+
+impl UpstreamConfig {
+    /// Checks every setting; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ForwarderError> {
+        if self.host.trim().is_empty() {
+            return Err(bad("host", "must not be empty"));
+        }
+        if self.host.contains('/') || self.host.contains(' ') {
+            return Err(bad(
+                "host",
+                format!(
+                    "{:?} must be a host name or address, without scheme or path",
+                    self.host
+                ),
+            ));
+        }
+        if self.port == Some(0) {
+            return Err(bad("port", "must be 1..65535"));
+        }
+        if self.client_id.is_empty() {
+            return Err(bad(
+                "client_id",
+                "must be set (the MQTT device's client id from ThingSpeak)",
+            ));
+        }
+        if self.username.is_empty() {
+            return Err(bad(
+                "username",
+                "must be set (the MQTT device's username from ThingSpeak)",
+            ));
+        }
+        if self.password.is_empty() {
+            return Err(bad(
+                "password",
+                "must be set (the MQTT device's password from ThingSpeak)",
+            ));
+        }
+        if self.keep_alive_secs == 0 || self.keep_alive_secs > MAX_KEEP_ALIVE_SECS {
+            return Err(bad(
+                "keep_alive_secs",
+                format!(
+                    "{} is not from 1 to {MAX_KEEP_ALIVE_SECS}",
+                    self.keep_alive_secs
+                ),
+            ));
+        }
+        check_secs("update_interval_secs", self.update_interval_secs, 0.1)?;
+        check_secs("reconnect_min_secs", self.reconnect_min_secs, 0.01)?;
+        check_secs("reconnect_max_secs", self.reconnect_max_secs, 0.01)?;
+        if self.reconnect_max_secs < self.reconnect_min_secs {
+            return Err(bad(
+                "reconnect_max_secs",
+                format!(
+                    "{} is less than reconnect_min_secs {}",
+                    self.reconnect_max_secs, self.reconnect_min_secs
+                ),
+            ));
+        }
+        for (id, o) in &self.channels {
+            let key = format!("channels.{id:?}");
+            id.parse::<ChannelId>()
+                .map_err(|e| bad(&key, e.to_string()))?;
+            if let Some(secs) = o.update_interval_secs {
+                check_secs(&format!("{key}.update_interval_secs"), secs, 0.1)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn effective_port(&self) -> u16 {
+        self.port.unwrap_or(self.transport.default_port())
+    }
+
+    /// The minimum interval for every channel with an override, and the default.
+    /// Call after [`validate`](Self::validate).
+    pub fn intervals(&self) -> (Duration, BTreeMap<ChannelId, Duration>) {
+        let default = Duration::from_secs_f64(self.update_interval_secs);
+        let overrides = self
+            .channels
+            .iter()
+            .filter_map(|(id, o)| {
+                let id = id.parse::<ChannelId>().ok()?;
+                let secs = o.update_interval_secs?;
+                Some((id, Duration::from_secs_f64(secs)))
+            })
+            .collect();
+        (default, overrides)
+    }
+
+    /// Name used in the `connection` metric label and logs.
+    pub fn connection_name(&self) -> String {
+        format!("{}:{}", self.host, self.effective_port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> UpstreamConfig {
+        UpstreamConfig {
+            client_id: "c".into(),
+            username: "u".into(),
+            password: Secret::new("p"),
+            ..UpstreamConfig::default()
+        }
+    }
+
+    #[test]
+    fn partial_toml_uses_defaults() {
+        let c: UpstreamConfig = toml::from_str(
+            r#"
+            client_id = "dev"
+            username = "user"
+            password = "pw"
+            transport = "wss"
+            [channels.1234]
+            update_interval_secs = 1
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.host, "mqtt3.thingspeak.com");
+        assert_eq!(c.effective_port(), 443);
+        assert_eq!(c.keep_alive_secs, 60);
+        let (default, overrides) = c.intervals();
+        assert_eq!(default, Duration::from_secs(15));
+        assert_eq!(
+            overrides[&ChannelId::new(1234).unwrap()],
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<UpstreamConfig>("hots = \"x\"").is_err());
+        assert!(toml::from_str::<UpstreamConfig>("transport = \"quic\"").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        type Mutation = Box<dyn Fn(&mut UpstreamConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|c| c.host = String::new()), "upstream.host"),
+            (Box::new(|c| c.host = "mqtts://x".into()), "upstream.host"),
+            (Box::new(|c| c.port = Some(0)), "upstream.port"),
+            (Box::new(|c| c.client_id.clear()), "upstream.client_id"),
+            (Box::new(|c| c.username.clear()), "upstream.username"),
+            (
+                Box::new(|c| c.password = Secret::default()),
+                "upstream.password",
+            ),
+            (
+                Box::new(|c| c.keep_alive_secs = 0),
+                "upstream.keep_alive_secs",
+            ),
+            (
+                Box::new(|c| c.update_interval_secs = f64::NAN),
+                "upstream.update_interval_secs",
+            ),
+            (
+                Box::new(|c| c.reconnect_max_secs = 0.5),
+                "upstream.reconnect_max_secs",
+            ),
+            (
+                Box::new(|c| {
+                    c.channels.insert("abc".into(), ChannelOverride::default());
+                }),
+                "upstream.channels.\"abc\"",
+            ),
+            (
+                Box::new(|c| {
+                    c.channels.insert(
+                        "7".into(),
+                        ChannelOverride {
+                            update_interval_secs: Some(-1.0),
+                        },
+                    );
+                }),
+                "upstream.channels.\"7\".update_interval_secs",
+            ),
+        ];
+        for (mutate, key) in cases {
+            let mut c = valid();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ForwarderError::Config { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("expected error for {key}, got {other:?}"),
+            }
+        }
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let c = UpstreamConfig {
+            password: Secret::new("hunter2"),
+            ..valid()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,66 @@
+//! The forwarder: the only code that talks to ThingSpeak.
+//!
+//! It reads queued readings through [`tsgw_core::ReadingStore`], merges the
+//! readings of each channel into one update at most once per interval,
+//! publishes it over MQTT (TLS by default) and removes the readings from the
+//! store only once the update was written to the connection.
+//!
+//! Public API: [`UpstreamConfig`] (+ [`Transport`], [`ChannelOverride`]),
+//! [`run`], [`ForwarderError`].
+//!
+//! Modules: `config` (settings), `connection` (rumqttc options, TLS trust),
+//! `driver` (one connection's event loop), `batch` (readings → update, pure),
+//! `schedule` (per-channel interval bookkeeping, pure), `backoff` (reconnect
+//! delays, pure), `forwarder` (the loop tying them together).
+
+mod backoff;
+mod batch;
+mod config;
+mod connection;
+mod driver;
+mod error;
+mod forwarder;
+mod schedule;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tsgw_core::{Metrics, ReadingStore};
+
+pub use config::{ChannelOverride, Transport, UpstreamConfig};
+pub use error::ForwarderError;
+
+/// Runs the forwarder until `shutdown` is cancelled.
+///
+/// Returns an error only for problems retrying cannot fix: invalid config or
+/// unusable TLS trust. Connection loss, refused connects and store failures
+/// are logged, counted and retried.
+pub async fn run(
+    config: UpstreamConfig,
+    store: Arc<dyn ReadingStore>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), ForwarderError> {
+    config.validate()?;
+    connection::install_crypto_provider();
+    let tls = if config.transport.is_encrypted() {
+        Some(connection::tls_config(&config)?)
+    } else {
+        tracing::warn!(
+            transport = config.transport.as_str(),
+            host = %config.host,
+            "upstream transport is unencrypted as configured: the MQTT password and data \
+             travel in clear text"
+        );
+        None
+    };
+    if config.update_interval_secs < 1.0 {
+        tracing::warn!(
+            update_interval_secs = config.update_interval_secs,
+            "update interval is below ThingSpeak's 1 s minimum (paid licence); faster updates are dropped"
+        );
+    }
+    forwarder::Forwarder::new(config, tls, store, metrics)
+        .run(shutdown)
+        .await
+}
