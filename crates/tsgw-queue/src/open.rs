@@ -122,6 +122,9 @@ fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> 
         // a gateway ingests.
         .mode(sled::Mode::LowSpace);
 
+    // sled writes `conf` when it creates a store; our marker follows at once.
+    let existed = config.dir.join("conf").is_file();
+
     // sled 0.34 can panic (rather than return an error) on some damaged files.
     let db = match catch_unwind(AssertUnwindSafe(|| sled_config.open())) {
         Ok(Ok(db)) => db,
@@ -134,7 +137,7 @@ fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> 
         }
     };
 
-    check_format(&db)?;
+    check_format(&db, existed)?;
     let readings = db
         .open_tree(READINGS_TREE)
         .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
@@ -148,7 +151,12 @@ fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> 
 }
 
 /// A fresh store gets the marker; an existing one must carry ours.
-fn check_format(db: &sled::Db) -> Result<(), Failure> {
+///
+/// sled treats damage in its log as the end of the log and recovers what came
+/// before, which can be nothing at all: an existing store without the marker
+/// lost (at least) its beginning, so it is quarantined rather than silently
+/// restarted empty, keeping the files for a post-mortem.
+fn check_format(db: &sled::Db, existed: bool) -> Result<(), Failure> {
     let marker = db
         .get(FORMAT_KEY)
         .map_err(|e| broken_unless_environment("reading the format marker", e))?;
@@ -164,6 +172,11 @@ fn check_format(db: &sled::Db) -> Result<(), Failure> {
             if has_data {
                 return Err(Failure::Broken(
                     "the directory holds a sled store that is not a tsgw queue".into(),
+                ));
+            }
+            if existed {
+                return Err(Failure::Broken(
+                    "the store recovered without its format marker: its log is damaged".into(),
                 ));
             }
             db.insert(FORMAT_KEY, FORMAT_MARKER)

@@ -76,6 +76,10 @@ fn truncated_store_never_crashes_the_open() {
         .unwrap();
     let (q, metrics) = open(&dir);
     let quarantined = metrics.queue_quarantined_total.get();
+    eprintln!(
+        "truncated store: quarantined {quarantined}, {} readings survived",
+        q.len()
+    );
     assert!(quarantined <= 1);
     assert_eq!(quarantined == 1, !quarantined_dirs(&dir).is_empty());
     q.push(&[reading(2, "after", 1)]).unwrap();
@@ -126,4 +130,41 @@ fn a_store_held_by_another_process_is_reported_not_quarantined() {
     assert_eq!(metrics.queue_quarantined_total.get(), 0);
     assert!(quarantined_dirs(&dir).is_empty());
     assert_eq!(first.len(), 1);
+}
+
+#[test]
+fn a_data_file_that_recovers_empty_is_quarantined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("queue");
+    make_store(&dir);
+    // Keep sled's `conf` intact so that sled itself opens the store: it treats
+    // the damaged log as ended and recovers nothing, not even our format
+    // marker, which gives the damage away.
+    let db = dir.join("db");
+    let len = fs::metadata(&db).unwrap().len() as usize;
+    fs::write(
+        &db,
+        (0..len).map(|i| (i * 31 % 253) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let (q, metrics) = open(&dir);
+    assert_quarantined_and_fresh(&dir, &q, &metrics);
+}
+
+#[test]
+fn damage_in_the_middle_of_the_log_never_crashes_the_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("queue");
+    make_store(&dir);
+    let db = dir.join("db");
+    let mut bytes = fs::read(&db).unwrap();
+    let len = bytes.len();
+    for (i, b) in bytes.iter_mut().enumerate().skip(len / 4).take(len / 2) {
+        *b = (i * 31 % 253) as u8;
+    }
+    fs::write(&db, bytes).unwrap();
+    // sled keeps the log up to the damage: what survives must be consistent.
+    let (q, _) = open(&dir);
+    q.push(&[reading(2, "after", 1)]).unwrap();
+    assert_eq!(common::drain_view(&q).len() as u64, q.len());
 }
