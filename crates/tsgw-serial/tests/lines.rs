@@ -81,7 +81,7 @@ fields = { "/env/temp" = "field1", "/state" = "status", "/door" = { target = "fi
     dev.send(br#"{"env": {"temp": 19.25}, "state": "ok", "door": true}"#)
         .await;
     dev.send(b"\n").await;
-    let mut got = vec![
+    let mut got = [
         next_reading(&mut rx).await,
         next_reading(&mut rx).await,
         next_reading(&mut rx).await,
