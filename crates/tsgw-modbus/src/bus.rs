@@ -112,6 +112,8 @@ impl Bus {
             };
             let due = self.units[index].next_due;
             let polled = tokio::select! {
+                // Shutdown first: a cancelled bus starts no new exchange.
+                biased;
                 () = shutdown.cancelled() => break,
                 polled = async {
                     sleep_until(due).await;

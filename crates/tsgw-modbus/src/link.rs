@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::timeout;
 use tokio_modbus::client::{rtu, tcp, Client, Context};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
+use tokio_serial::SerialPort as _;
 
 use crate::config::{Parity, RegisterKind, RtuConfig};
 use crate::decode::BlockData;
@@ -108,6 +109,11 @@ impl Endpoint {
                     })
                     .flow_control(tokio_serial::FlowControl::None);
                 let port = tokio_serial::SerialStream::open(&builder).map_err(io::Error::from)?;
+                // A port is (re)opened after a garbled exchange: whatever a slow unit
+                // sent meanwhile must not be taken for the next answer.
+                if let Err(err) = port.clear(tokio_serial::ClearBuffer::Input) {
+                    tracing::debug!(path = %cfg.path, "cannot flush serial input: {err}");
+                }
                 Ok(rtu::attach_slave(port, Slave::broadcast()))
             }
         }
