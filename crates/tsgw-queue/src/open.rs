@@ -295,10 +295,7 @@ mod tests {
             io::Error::from(io::ErrorKind::PermissionDenied),
             io::Error::from_raw_os_error(libc::ENOSPC),
             io::Error::from_raw_os_error(libc::EROFS),
-            io::Error::new(
-                io::ErrorKind::Other,
-                "could not acquire lock on \"/q/db\": Os { code: 11 }",
-            ),
+            io::Error::other("could not acquire lock on \"/q/db\": Os { code: 11 }"),
         ];
         for e in env {
             let text = e.to_string();

@@ -194,8 +194,9 @@ impl DurableQueue {
                 continue;
             };
             let Ok(key) = decode_key(&k) else { continue };
-            if oldest.as_ref().map_or(true, |(seq, _)| key.seq < *seq) {
-                oldest = Some((key.seq, v));
+            match &oldest {
+                Some((seq, _)) if *seq <= key.seq => {}
+                _ => oldest = Some((key.seq, v)),
             }
         }
         oldest.and_then(|(_, v)| decode_measured_at(&v).ok())
