@@ -403,9 +403,11 @@ async fn refused_credentials_are_retried_slowly_and_keep_readings() {
 #[tokio::test]
 async fn invalid_config_is_reported_not_retried() {
     let store = Arc::new(FakeStore::default());
-    let mut cfg = UpstreamConfig::default();
-    cfg.client_id = "c".into();
-    cfg.username = "u".into();
+    let cfg = UpstreamConfig {
+        client_id: "c".into(),
+        username: "u".into(),
+        ..UpstreamConfig::default()
+    };
     let err = tsgw_forwarder::run(cfg, store, Metrics::new(), CancellationToken::new())
         .await
         .unwrap_err();
