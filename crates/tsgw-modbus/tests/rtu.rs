@@ -184,6 +184,51 @@ async fn a_dead_meter_does_not_stall_the_healthy_ones_on_the_bus() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_is_not_taken_for_the_next_units_answer() {
+    let sim = Sim::new();
+    load_meter(&sim, 1, 230.0, 1.0, 100.0);
+    load_meter(&sim, 2, 400.0, 2.0, 200.0);
+    // Unit 2 answers 150 ms late against a 100 ms timeout: its frames land on the
+    // bus while the gateway keeps its 80 ms quiet time before the next request.
+    sim.set_delay(2, Duration::from_millis(150));
+    let bus = RtuSim::start(sim.clone());
+    let mut devices = [
+        meter("meter-1", &bus.path, 1),
+        meter("meter-slow", &bus.path, 2),
+    ];
+    for d in &mut devices {
+        d.retries = 0;
+        if let tsgw_modbus::ModbusTransport::Rtu(rtu) = &mut d.transport {
+            rtu.inter_frame_delay_ms = 80;
+        }
+    }
+    let metrics = Metrics::new();
+    let (tx, mut rx) = mpsc::channel(256);
+    let shutdown = CancellationToken::new();
+    let tasks = spawn_devices(&devices, tx, metrics.clone(), shutdown.clone()).unwrap();
+
+    wait_for(LIMIT, "three probes of the slow unit", || {
+        errors(&metrics, "meter-slow", "timeout") >= 3
+    })
+    .await;
+    let got = collect_until(&mut rx, LIMIT, |r| values_of(r, "meter-1").len() >= 6).await;
+    // Every meter-1 value is meter-1's, and no exchange of meter-1 was garbled.
+    assert!(values_of(&got, "meter-1").contains(&("field1".to_owned(), 230.0)));
+    assert!(values_of(&got, "meter-1")
+        .iter()
+        .all(|(_, v)| [230.0, 1.0, 0.1].contains(v)));
+    assert!(values_of(&got, "meter-slow").is_empty());
+    for kind in ["decode", "timeout", "io"] {
+        assert_eq!(errors(&metrics, "meter-1", kind), 0, "{kind}");
+    }
+
+    shutdown.cancel();
+    for t in tasks {
+        tokio::time::timeout(LIMIT, t).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meter_that_comes_back_is_polled_again() {
     let sim = Sim::new();
     let bus = RtuSim::start(sim.clone());

@@ -5,8 +5,9 @@
 #![allow(dead_code)] // each test file uses a different part of it
 
 use std::collections::{HashMap, HashSet};
-use std::future::{ready, Ready};
+use std::future::{ready, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ struct State {
     coils: HashMap<(u8, u16), bool>,
     discrete: HashMap<(u8, u16), bool>,
     silent: HashSet<u8>,
+    delays: HashMap<u8, Duration>,
     requests: HashMap<u8, usize>,
 }
 
@@ -75,6 +77,12 @@ impl Sim {
         self.state().silent.insert(unit);
     }
 
+    /// The unit answers, but only after `delay` (and, like a real half-duplex bus,
+    /// the simulator serves nobody else meanwhile).
+    pub fn set_delay(&self, unit: u8, delay: Duration) {
+        self.state().delays.insert(unit, delay);
+    }
+
     /// Requests received for `unit` so far.
     pub fn requests(&self, unit: u8) -> usize {
         self.state().requests.get(&unit).copied().unwrap_or(0)
@@ -100,14 +108,28 @@ impl Service for Sim {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Option<Response>, ExceptionCode>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Option<Response>, ExceptionCode>> + Send>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
+        let unit = req.slave;
+        let answer = self.answer(req);
+        match self.state().delays.get(&unit).copied() {
+            Some(delay) => Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                answer
+            }),
+            None => Box::pin(ready(answer)),
+        }
+    }
+}
+
+impl Sim {
+    fn answer(&self, req: SlaveRequest<'static>) -> Result<Option<Response>, ExceptionCode> {
         let mut st = self.state();
         let unit = req.slave;
         *st.requests.entry(unit).or_default() += 1;
         if st.silent.contains(&unit) {
-            return ready(Ok(None));
+            return Ok(None);
         }
         let result = match req.request {
             Request::ReadHoldingRegisters(a, n) => {
@@ -122,7 +144,7 @@ impl Service for Sim {
             }
             _ => Err(ExceptionCode::IllegalFunction),
         };
-        ready(result.map(Some))
+        result.map(Some)
     }
 }
 
