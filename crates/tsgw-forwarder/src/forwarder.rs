@@ -274,15 +274,17 @@ impl Forwarder {
             Conn::Up { since, .. } => Some(since),
             _ => None,
         };
+        // Failed attempts count too (reason refused, tls, connect_timeout...),
+        // so a refusal loop is visible in metrics, not only in the log.
+        self.metrics
+            .upstream_disconnects_total
+            .with_label_values(&[&self.connection, closed.reason])
+            .inc();
         if let Some(since) = was_up_since {
             self.metrics
                 .upstream_connected
                 .with_label_values(&[&self.connection])
                 .set(0);
-            self.metrics
-                .upstream_disconnects_total
-                .with_label_values(&[&self.connection, closed.reason])
-                .inc();
             if now.duration_since(since) >= STABLE_AFTER {
                 self.backoff.reset();
             }
@@ -322,7 +324,14 @@ impl Forwarder {
                 retry_in_secs = delay.as_secs_f64(),
                 "upstream connection lost"
             );
-        } else if !closed.is_auth_refusal() {
+        } else if closed.is_auth_refusal() {
+            tracing::debug!(
+                connection = %self.connection,
+                error = %closed.message,
+                retry_in_secs = delay.as_secs_f64(),
+                "connection refused again"
+            );
+        } else {
             tracing::warn!(
                 connection = %self.connection,
                 reason = closed.reason,

@@ -377,6 +377,33 @@ async fn readings_stay_queued_while_down_and_arrive_after_reconnect() {
 }
 
 #[tokio::test]
+async fn interval_holds_across_a_reconnect() {
+    let c = ch(5001);
+    let interval = Duration::from_secs(2);
+    let emu = emulator(interval, &[c], false).await;
+    let store = Arc::new(FakeStore::default());
+    store.push(c, field(1), Value::Number(1.0));
+    let fwd = start(config(&emu, Transport::Tls, 2.0), store.clone());
+    emu.wait_for_entries(c, 1, WAIT)
+        .await
+        .expect("first update");
+
+    // Lose the connection right after the update; the forwarder reconnects
+    // within ~0.1-0.5 s, but must still wait out the channel's interval.
+    emu.drop_all_connections();
+    store.push(c, field(1), Value::Number(2.0));
+    let entries = emu
+        .wait_for_entries(c, 2, WAIT)
+        .await
+        .expect("second update");
+    assert_eq!(entries[1].get(field(1)), Some("2"));
+    let k = emu.counters();
+    assert!(k.sessions >= 2, "reconnected: {k:?}");
+    assert_eq!(k.dropped_rate_limit, 0, "update inside the interval: {k:?}");
+    fwd.stop().await;
+}
+
+#[tokio::test]
 async fn refused_credentials_are_retried_slowly_and_keep_readings() {
     let c = ch(4001);
     let emu = emulator(Duration::from_secs(1), &[c], false).await;
@@ -397,6 +424,13 @@ async fn refused_credentials_are_retried_slowly_and_keep_readings() {
     );
     assert_eq!(store.len(), 1, "readings kept while refused");
     assert!(!fwd.task.is_finished(), "forwarder keeps retrying");
+    let conn = format!("127.0.0.1:{}", emu.tls_addr().unwrap().port());
+    let counted = fwd
+        .metrics
+        .upstream_disconnects_total
+        .with_label_values(&[&conn, "refused"])
+        .get();
+    assert_eq!(counted, refusals, "every refusal is counted");
     fwd.stop().await;
 }
 
