@@ -308,8 +308,8 @@ async fn clear_faults(State(core): State<Arc<Core>>) -> Response {
     Json(core.faults.status()).into_response()
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("body: {e}")))
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("body: {e}"))
 }
 
 #[derive(Deserialize)]
@@ -323,7 +323,7 @@ struct RefuseBody {
 async fn refuse_connections(State(core): State<Arc<Core>>, body: Bytes) -> Response {
     let b: RefuseBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let Ok(d) = Duration::try_from_secs_f64(b.seconds) else {
         return error(
@@ -354,7 +354,7 @@ struct DropBody {
 async fn drop_publishes(State(core): State<Arc<Core>>, body: Bytes) -> Response {
     let b: DropBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if b.count.is_none() && b.probability.is_none() {
         return error(StatusCode::BAD_REQUEST, "give count and/or probability");

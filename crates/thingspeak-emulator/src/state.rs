@@ -288,7 +288,7 @@ impl Store {
             let at = match u.time {
                 BulkTime::At(t) => t,
                 BulkTime::Delta(d) => {
-                    let valid = d.is_finite() && d >= 0.0 && d < 1e12 && (d > 0.0 || index == 0);
+                    let valid = (0.0..1e12).contains(&d) && (d > 0.0 || index == 0);
                     if !valid {
                         return Err(BulkRejected::BadDelta { index });
                     }

@@ -216,7 +216,8 @@ impl Conn {
         }
     }
 
-    /// Asserts no packet arrives and the connection stays up for `d`.
+    /// Asserts no PUBLISH arrives and the connection stays up for `d`
+    /// (acknowledgements and ping responses are fine).
     pub async fn expect_quiet(&mut self, d: Duration) {
         let deadline = tokio::time::Instant::now() + d;
         loop {
@@ -224,6 +225,7 @@ impl Conn {
             match tokio::time::timeout(left, self.events.recv()).await {
                 Err(_) => return,
                 Ok(Some(Ok(Event::Outgoing(_)))) => continue,
+                Ok(Some(Ok(Event::Incoming(Incoming::SubAck(_) | Incoming::PingResp)))) => continue,
                 Ok(other) => panic!("expected nothing, got {other:?}"),
             }
         }
