@@ -162,7 +162,9 @@ mod tests {
     #[test]
     fn websocket_host_is_the_full_url() {
         install_crypto_provider();
-        let c = config(Transport::Wss);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(Transport::Wss);
+        c.ca_file = Some(ca_file(&dir));
         assert!(
             mqtt_options(&c, None).is_err(),
             "TLS transport without TLS config"
@@ -203,17 +205,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn extra_ca_is_accepted() {
+    /// A throwaway CA certificate file, so tests do not depend on the
+    /// machine's system store.
+    fn ca_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = params.self_signed(&key).unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, ca.pem()).unwrap();
+        path
+    }
+
+    #[test]
+    fn extra_ca_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
         let mut c = config(Transport::Tls);
-        c.ca_file = Some(path);
+        c.ca_file = Some(ca_file(&dir));
         tls_config(&c).unwrap();
     }
 }

@@ -80,6 +80,7 @@ pub(crate) struct Forwarder {
     last_created_at: HashMap<ChannelId, DateTime<Utc>>,
     next_generation: u64,
     refusal_reported: bool,
+    store_failing: bool,
     events_tx: mpsc::Sender<ConnEvent>,
     events_rx: mpsc::Receiver<ConnEvent>,
 }
@@ -112,6 +113,7 @@ impl Forwarder {
             last_created_at: HashMap::new(),
             next_generation: 0,
             refusal_reported: false,
+            store_failing: false,
             events_tx,
             events_rx,
         }
@@ -132,9 +134,21 @@ impl Forwarder {
             }
             self.check_write_timeout(now);
             let wake = match self.publish_due(now) {
-                Ok(wake) => wake,
+                Ok(wake) => {
+                    if self.store_failing {
+                        self.store_failing = false;
+                        tracing::info!("queue readable again");
+                    }
+                    wake
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "forwarder cannot read the queue; retrying");
+                    // Log the first failure loudly, not one line a second.
+                    if self.store_failing {
+                        tracing::debug!(error = %e, "queue still failing");
+                    } else {
+                        tracing::error!(error = %e, "forwarder cannot use the queue; retrying every second");
+                    }
+                    self.store_failing = true;
                     now + STORE_RETRY
                 }
             };
@@ -483,5 +497,209 @@ impl Forwarder {
             .with_label_values(&[&self.connection])
             .set(0);
         tracing::info!(connection = %self.connection, "forwarder stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use thingspeak::{Field, Target};
+    use tokio::sync::Notify;
+    use tsgw_core::{Origin, Queued, Reading, Secret, SourceKind, StoreError, Value};
+
+    use super::*;
+    use crate::config::Transport;
+
+    #[derive(Default)]
+    struct MemStore {
+        readings: Mutex<BTreeMap<QueueKey, Reading>>,
+        pushed: Arc<Notify>,
+    }
+
+    impl MemStore {
+        fn push(&self, seq: u64, target: Target, value: Value) {
+            let channel = ch();
+            self.readings.lock().unwrap().insert(
+                QueueKey { channel, seq },
+                Reading {
+                    channel,
+                    target,
+                    value,
+                    measured_at: Utc::now(),
+                    origin: Origin::new(SourceKind::Serial, "dev"),
+                },
+            );
+        }
+
+        fn len(&self) -> usize {
+            self.readings.lock().unwrap().len()
+        }
+    }
+
+    impl ReadingStore for MemStore {
+        fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+            let mut c: Vec<ChannelId> = self
+                .readings
+                .lock()
+                .unwrap()
+                .keys()
+                .map(|k| k.channel)
+                .collect();
+            c.dedup();
+            Ok(c)
+        }
+        fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
+            Ok(self
+                .readings
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.channel == channel)
+                .take(max)
+                .map(|(k, r)| Queued {
+                    key: *k,
+                    reading: r.clone(),
+                })
+                .collect())
+        }
+        fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
+            let mut r = self.readings.lock().unwrap();
+            for k in keys {
+                r.remove(k);
+            }
+            Ok(())
+        }
+        fn pushed(&self) -> Arc<Notify> {
+            self.pushed.clone()
+        }
+    }
+
+    fn ch() -> ChannelId {
+        ChannelId::new(42).unwrap()
+    }
+
+    fn field1() -> Target {
+        Target::Field(Field::new(1).unwrap())
+    }
+
+    fn config() -> UpstreamConfig {
+        UpstreamConfig {
+            host: "127.0.0.1".into(),
+            transport: Transport::Tcp,
+            client_id: "c".into(),
+            username: "u".into(),
+            password: Secret::new("p"),
+            update_interval_secs: 1.0,
+            ..UpstreamConfig::default()
+        }
+    }
+
+    /// Puts the forwarder into "connected as `generation`" with a client whose
+    /// requests land in the returned (never polled) event loop.
+    fn connect_as(f: &mut Forwarder, generation: u64) -> rumqttc::EventLoop {
+        let options = mqtt_options(&f.config, None).unwrap();
+        let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY);
+        f.conn = Conn::Up {
+            generation,
+            client,
+            task: tokio::spawn(async {}),
+            since: Instant::now(),
+        };
+        eventloop
+    }
+
+    fn closed() -> ConnEventKind {
+        ConnEventKind::Closed(Closed {
+            reason: "io",
+            refused: None,
+            message: "reset".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn in_doubt_update_keeps_readings_and_stale_writes_are_ignored() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(1.0));
+        let metrics = Metrics::new();
+        let mut f = Forwarder::new(config(), None, store.clone(), metrics.clone());
+
+        let _loop0 = connect_as(&mut f, 0);
+        let t1 = Instant::now() + Duration::from_secs(2);
+        f.publish_due(t1).unwrap();
+        assert!(f.in_flight.is_some(), "due channel published");
+
+        // The connection dies before the write is reported: readings stay,
+        // and the attempt counts against the interval.
+        f.on_event(ConnEvent {
+            generation: 0,
+            kind: closed(),
+        });
+        assert!(f.in_flight.is_none());
+        assert_eq!(store.len(), 1);
+        assert!(!f
+            .schedule
+            .is_due(ch(), Instant::now() + Duration::from_millis(500)));
+        assert!(matches!(f.conn, Conn::Down { .. }));
+
+        // Reconnected as generation 1: a late event of generation 0 changes nothing.
+        let _loop1 = connect_as(&mut f, 1);
+        f.on_event(ConnEvent {
+            generation: 0,
+            kind: ConnEventKind::Written,
+        });
+        assert_eq!(store.len(), 1);
+
+        // Not yet due again: nothing is published inside the interval.
+        f.publish_due(Instant::now()).unwrap();
+        assert!(f.in_flight.is_none());
+
+        let t2 = Instant::now() + Duration::from_secs(2);
+        f.publish_due(t2).unwrap();
+        assert_eq!(f.in_flight.as_ref().map(|i| i.generation), Some(1));
+        f.on_event(ConnEvent {
+            generation: 1,
+            kind: ConnEventKind::Written,
+        });
+        assert_eq!(store.len(), 0, "removed once written");
+        assert_eq!(
+            metrics.updates_sent_total.with_label_values(&["42"]).get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn unsendable_readings_are_dropped_and_counted() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Text("x".repeat(300)));
+        store.push(2, Target::Status, Value::Text("ok".into()));
+        let metrics = Metrics::new();
+        let mut f = Forwarder::new(config(), None, store.clone(), metrics.clone());
+        let _loop = connect_as(&mut f, 0);
+        f.publish_due(Instant::now() + Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(store.len(), 1, "overlong reading dropped at once");
+        assert_eq!(
+            metrics
+                .queue_dropped_total
+                .with_label_values(&["value_too_long"])
+                .get(),
+            1
+        );
+        let update = &f.in_flight.as_ref().unwrap().batch.update;
+        assert_eq!(update.get(Target::Status), Some("ok"));
+        assert_eq!(update.get(field1()), None);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_published_while_not_connected() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(1.0));
+        let mut f = Forwarder::new(config(), None, store.clone(), Metrics::new());
+        f.publish_due(Instant::now() + Duration::from_secs(60))
+            .unwrap();
+        assert!(f.in_flight.is_none());
+        assert_eq!(store.len(), 1);
     }
 }
