@@ -8,6 +8,33 @@
 //! Public API: [`UpstreamConfig`] (+ [`Transport`], [`ChannelOverride`]),
 //! [`run`], [`ForwarderError`].
 //!
+//! ```toml
+//! [upstream]                     # every key optional except the credentials
+//! host = "mqtt3.thingspeak.com"
+//! transport = "tls"              # tls (8883) | wss (443) | tcp (1883) | ws (80)
+//! # port = 8883
+//! # ca_file = "/etc/tsgw/extra-ca.pem"   # trusted in addition to the system roots
+//! client_id = "..."              # the MQTT device made in the ThingSpeak UI
+//! username = "..."
+//! password = "..."
+//! update_interval_secs = 15      # free licence; 1 on paid licences
+//! [upstream.channels.1234567]
+//! update_interval_secs = 1
+//! ```
+//!
+//! Behaviour worth knowing:
+//! - At most one update per channel per interval (plus 100 ms margin), also
+//!   across reconnects. A channel's first update after start waits one
+//!   interval, in case the previous run updated it just before stopping.
+//! - All readings of a channel waiting in the store become one update: the
+//!   last value of each target, `created_at` = newest measurement (seconds,
+//!   strictly increasing per channel).
+//! - Readings leave the store only after their update was written to the
+//!   connection. If the connection drops first, they are sent after reconnect.
+//! - Reconnects back off exponentially with jitter; a refused CONNECT
+//!   (bad credentials, not authorised) is logged once at error level and
+//!   retried at the maximum backoff.
+//!
 //! Modules: `config` (settings), `connection` (rumqttc options, TLS trust),
 //! `driver` (one connection's event loop), `batch` (readings → update, pure),
 //! `schedule` (per-channel interval bookkeeping, pure), `backoff` (reconnect
