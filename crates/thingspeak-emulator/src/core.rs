@@ -1,5 +1,7 @@
 //! The state every listener, session and HTTP handler shares.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,10 @@ pub(crate) struct Core {
     pub shutdown: CancellationToken,
     /// Replaced by a fresh child of `shutdown` each time all connections are dropped.
     connections: Mutex<CancellationToken>,
+    /// Open sessions by client id, for taking over a session when the same
+    /// client id connects again (MQTT 3.1.1 §3.1.4).
+    sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_session: AtomicU64,
 }
 
 impl Core {
@@ -68,6 +74,32 @@ impl Core {
             session,
             shutdown,
             connections,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// Registers a session under its client id, ending any earlier session with
+    /// that id. Returns the registration id and the token that ends this one.
+    pub fn register_session(&self, client_id: &str) -> (u64, CancellationToken) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if !client_id.is_empty() {
+            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, old)) = map.insert(client_id.to_owned(), (id, token.clone())) {
+                old.cancel();
+            }
+        }
+        (id, token)
+    }
+
+    pub fn unregister_session(&self, client_id: &str, id: u64) {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(client_id)
+            .is_some_and(|(current, _)| *current == id)
+        {
+            map.remove(client_id);
         }
     }
 
@@ -127,17 +159,20 @@ impl Core {
         update: &ChannelUpdate,
         origin: WriteOrigin,
     ) -> Result<Entry, WriteRejected> {
-        let result = self
-            .store()
-            .write(channel, update, origin, Instant::now(), Utc::now());
-        match &result {
-            Ok(entry) => {
-                LiveCounters::inc(&self.counters.accepted);
+        let result = {
+            let mut store = self.store();
+            let result = store.write(channel, update, origin, Instant::now(), Utc::now());
+            if let Ok(entry) = &result {
                 if origin != WriteOrigin::Bulk {
-                    // No receivers is fine: nobody subscribed.
+                    // Sent under the store lock so relays leave in entry-id order:
+                    // sessions skip ids they have already passed. No receivers is fine.
                     let _ = self.relay.send(Arc::new(entry.clone()));
                 }
             }
+            result
+        };
+        match &result {
+            Ok(_) => LiveCounters::inc(&self.counters.accepted),
             Err(WriteRejected::RateLimited { .. }) => {
                 LiveCounters::inc(&self.counters.dropped_rate_limit)
             }

@@ -47,6 +47,10 @@ counters! {
     dropped_fault,
     /// Connections closed for being idle (no PUBLISH/SUBSCRIBE within the idle timeout).
     closed_idle,
+    /// Connections closed because no packet at all came within 1.5x the client's keep-alive.
+    closed_keepalive,
+    /// Sessions ended because a new connection used the same client id.
+    closed_taken_over,
     /// Connections closed for a protocol or ThingSpeak rule violation.
     closed_invalid,
     /// Connections closed by the drop-all-connections fault or shutdown.

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{info, warn};
 
 use crate::core::Core;
@@ -20,6 +21,9 @@ use crate::mqtt::transport::{BoxedIo, Transport};
 /// The WebSocket path and subprotocol ThingSpeak (and paho) use.
 pub const WS_PATH: &str = "/mqtt";
 pub const WS_SUBPROTOCOL: &str = "mqtt";
+
+/// Largest WebSocket message accepted (well above any valid ThingSpeak packet).
+const WS_MAX_MESSAGE: usize = 128 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -95,9 +99,17 @@ async fn handle(
         match kind {
             Kind::Tcp | Kind::Tls => Ok(Transport::Stream(io)),
             Kind::Ws | Kind::Wss => {
-                let ws = tokio_tungstenite::accept_hdr_async(io, check_ws_request)
-                    .await
-                    .map_err(|e| format!("WebSocket handshake: {e}"))?;
+                // MQTT packets here are small; bound what one frame may make us buffer.
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(WS_MAX_MESSAGE))
+                    .max_frame_size(Some(WS_MAX_MESSAGE));
+                let ws = tokio_tungstenite::accept_hdr_async_with_config(
+                    io,
+                    check_ws_request,
+                    Some(config),
+                )
+                .await
+                .map_err(|e| format!("WebSocket handshake: {e}"))?;
                 Ok(Transport::WebSocket(Box::new(ws)))
             }
         }

@@ -132,6 +132,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(ca) = emu.ca_file() {
         tracing::info!(path = %ca.display(), "CA certificate for clients written");
     }
+    // One JSON line on stdout for scripts and tests: the bound addresses (port 0 resolved).
+    let addr = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
+    let ready = serde_json::json!({
+        "mqtt": addr(emu.tcp_addr()),
+        "mqtts": addr(emu.tls_addr()),
+        "ws": addr(emu.ws_addr()),
+        "wss": addr(emu.wss_addr()),
+        "http": addr(emu.http_addr()),
+        "ca_file": emu.ca_file().map(|p| p.display().to_string()),
+    });
+    println!("{ready}");
 
     wait_for_signal().await?;
     tracing::info!("stopping");

@@ -360,3 +360,16 @@ async fn a_silent_client_does_not_stall_the_tls_listener() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_client_id_takes_over() {
+    let emu = emulator().await;
+    let mut first = connect(device(&emu, Tr::Tcp, DEV1)).await;
+    let second = connect(device(&emu, Tr::Tls, DEV1)).await;
+    first.expect_closed(T).await;
+    emu.wait_for_counters(T, |c| c.closed_taken_over == 1)
+        .await
+        .unwrap();
+    second.publish("channels/100/publish", "field1=1").await;
+    emu.wait_for_entries(ch(100), 1, T).await.unwrap();
+}

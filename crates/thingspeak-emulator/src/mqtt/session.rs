@@ -39,6 +39,7 @@ enum Close {
     Idle,
     KeepAlive,
     Dropped,
+    TakenOver,
     Io(String),
 }
 
@@ -122,7 +123,12 @@ pub(crate) async fn run(core: Arc<Core>, mut transport: Transport, peer: SocketA
     };
     info!(%peer, transport = %kind, client_id = %session.client_id, auth = who, "session open");
 
-    let reason = session.serve(buf, connect.keep_alive, drop_token).await;
+    let (registration, taken_over) = core.register_session(&session.client_id);
+    let reason = tokio::select! {
+        r = session.serve(buf, connect.keep_alive, drop_token) => r,
+        _ = taken_over.cancelled() => Close::TakenOver,
+    };
+    core.unregister_session(&session.client_id, registration);
     session.finish(reason).await;
 }
 
@@ -551,8 +557,12 @@ impl Session {
                 )
             }
             Close::KeepAlive => {
-                LiveCounters::inc(&c.closed_idle);
+                LiveCounters::inc(&c.closed_keepalive);
                 "no packet within 1.5x keep-alive".into()
+            }
+            Close::TakenOver => {
+                LiveCounters::inc(&c.closed_taken_over);
+                "a new connection took over the client id".into()
             }
             Close::Dropped => {
                 LiveCounters::inc(&c.closed_by_fault);
