@@ -129,11 +129,18 @@ impl PortTask {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            let end = match self.open().await {
+            let opened = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                opened = self.open() => opened,
+            };
+            let end = match opened {
                 Ok(stream) => {
                     info!(port = %self.name, path = %self.resolved.path, "serial port opened");
                     last_open_error = None;
-                    self.counters.up.set(1);
+                    // A polled device counts as up once it answers; a talking one once its port is open.
+                    if self.resolved.poll.is_none() {
+                        self.counters.up.set(1);
+                    }
                     framer.clear();
                     let end = self.session(stream, &mut framer).await;
                     self.counters.up.set(0);

@@ -58,8 +58,11 @@ async fn unplugged_device_is_reopened_when_it_comes_back() {
     dev.send(b"t=1\n").await;
     assert_eq!(next_reading(&mut rx).await.value, Value::Number(1.0));
 
-    // Unplug: the pty disappears, the port reads end-of-file or an error.
+    // Unplug: the pty disappears, the port reads end-of-file or an error, and
+    // udev removes the by-id link (which also keeps this port off pty numbers
+    // that other tests reuse at once).
     drop(dev);
+    std::fs::remove_file(&link).unwrap();
     eventually("device down", || up(&metrics, "arduino") == 0).await;
     let lost =
         device_errors(&metrics, "arduino", "disconnect") + device_errors(&metrics, "arduino", "io");
