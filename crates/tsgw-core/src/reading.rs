@@ -50,13 +50,21 @@ fn looks_numeric(s: &str) -> bool {
 }
 
 impl fmt::Display for Value {
-    /// The text sent to ThingSpeak: shortest round-trip form for numbers (`21.5`, `40`).
+    /// The text sent to ThingSpeak: numbers in their shortest form (`21.5`, `40`),
+    /// rounded to 12 significant digits so that scaling artefacts such as
+    /// `202 * 0.1 = 20.200000000000003` do not reach the channel.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::Number(n) => write!(f, "{n}"),
+            Value::Number(n) => write!(f, "{}", round_significant(*n)),
             Value::Text(s) => f.write_str(s),
         }
     }
+}
+
+/// Rounds to 12 significant digits by a round trip through scientific notation
+/// (exact decimal rounding, no power-of-ten arithmetic on the float).
+fn round_significant(n: f64) -> f64 {
+    format!("{n:.11e}").parse().unwrap_or(n)
 }
 
 /// The kind of source a reading came in through.
@@ -110,6 +118,9 @@ mod tests {
         assert_eq!(Value::Number(21.5).to_string(), "21.5");
         assert_eq!(Value::Number(40.0).to_string(), "40");
         assert_eq!(Value::Number(-0.125).to_string(), "-0.125");
+        assert_eq!(Value::Number(202.0 * 0.1).to_string(), "20.2");
+        assert_eq!(Value::Number(1e-7).to_string(), "0.0000001");
+        assert_eq!(Value::Number(123456789012.0).to_string(), "123456789012");
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl Default for DropInConfig {
 
 /// `[[mqtt.rules]]`: messages on `topic` are parsed by `format` into `channel`'s targets.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// Names the rule in logs and metrics (the `device` label).
     pub name: String,
@@ -95,8 +96,8 @@ pub struct RuleConfig {
     pub topic: String,
     /// Channel for destinations that do not name their own.
     pub channel: ChannelId,
-    /// The payload format and its mapping (`format = "plain" | "json" | "key_value"`, ...).
-    #[serde(flatten)]
+    /// The payload format and its mapping: `{ format = "plain" | "json" | "key_value" | "csv" | "regex", ... }`,
+    /// the same shape as a serial port's `parser`.
     pub parser: PayloadFormat,
 }
 
@@ -105,7 +106,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_read_from_toml_with_flattened_parser() {
+    fn rules_read_from_toml_with_a_parser_table() {
         let cfg: MqttSourceConfig = toml::from_str(
             r#"
             listen = "127.0.0.1:1883"
@@ -113,8 +114,7 @@ mod tests {
             name = "climate"
             topic = "sensors/+/climate"
             channel = 42
-            format = "json"
-            fields = { "/t" = "field1", "/h" = { target = "field2", scale = 0.1 } }
+            parser = { format = "json", fields = { "/t" = "field1", "/h" = { target = "field2", scale = 0.1 } } }
             "#,
         )
         .unwrap();
@@ -130,9 +130,7 @@ mod tests {
             name = "x"
             topic = "a"
             channel = 1
-            format = "plain"
-            target = "field1"
-            tagret = "field2"
+            parser = { format = "plain", target = "field1", tagret = "field2" }
             "#,
         )
         .unwrap_err();

@@ -1,1 +1,101 @@
-fn main() {}
+//! `tsgw`: the ThingSpeak edge gateway.
+
+mod config;
+mod demo;
+mod gateway;
+mod ops;
+mod pipeline;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::GatewayConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "tsgw",
+    version,
+    about = "The ThingSpeak edge gateway: local MQTT, serial and Modbus devices → durable queue → ThingSpeak"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (SIGTERM/SIGINT stop it cleanly, SIGHUP reloads the config).
+    Run {
+        /// The TOML config file. `TSGW_SECTION__KEY` variables override its keys.
+        #[arg(
+            long,
+            short,
+            env = "TSGW_CONFIG",
+            default_value = "/etc/tsgw/gateway.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a config and print it with secrets masked; exits non-zero on errors.
+    CheckConfig {
+        #[arg(
+            long,
+            short,
+            env = "TSGW_CONFIG",
+            default_value = "/etc/tsgw/gateway.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Run a self-contained demo: a local ThingSpeak emulator, a gateway and simulated devices.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { config } => check_config(config),
+        Command::Run { config } => run(config),
+        Command::Demo { seconds } => runtime().and_then(|rt| rt.block_on(demo::run(seconds))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tsgw: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tsgw")
+        .build()?)
+}
+
+fn check_config(path: PathBuf) -> anyhow::Result<()> {
+    let config = GatewayConfig::load(&path)?;
+    println!(
+        "# {} is valid. Effective config (secrets masked):",
+        path.display()
+    );
+    print!("{}", config.to_masked_toml()?);
+    Ok(())
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = GatewayConfig::load(&path)?;
+    ops::logging::init(&config.log.level, config.log.format);
+    install_crypto_provider();
+    runtime()?.block_on(gateway::run_until_stopped(path, config))
+}
+
+/// rustls needs one process-wide crypto provider; tsgw uses ring everywhere.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

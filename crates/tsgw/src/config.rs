@@ -1,0 +1,281 @@
+//! The gateway's configuration: one TOML file plus `TSGW_` environment
+//! variables plus systemd credentials, merged by figment in that order.
+//!
+//! Every section belongs to the stage that uses it (each stage crate defines
+//! and documents its own struct); this file only assembles them and checks
+//! the whole before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use tsgw_forwarder::UpstreamConfig;
+use tsgw_modbus::ModbusDeviceConfig;
+use tsgw_mqtt::MqttSourceConfig;
+use tsgw_queue::QueueConfig;
+use tsgw_serial::SerialPortConfig;
+
+/// Prefix of environment variables that override config keys
+/// (`TSGW_UPSTREAM__PASSWORD` sets `upstream.password`).
+pub const ENV_PREFIX: &str = "TSGW_";
+
+/// Environment variables with the prefix that are not config keys.
+const NON_CONFIG_ENV: &[&str] = &["config"];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where ThingSpeak is and how to reach it.
+    pub upstream: UpstreamConfig,
+    /// The durable on-disk queue.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// The embedded MQTT broker for local devices, and its mapping rules.
+    #[serde(default)]
+    pub mqtt: MqttSourceConfig,
+    /// Serial-line devices.
+    #[serde(default)]
+    pub serial: Vec<SerialPortConfig>,
+    /// Modbus RTU and TCP devices.
+    #[serde(default)]
+    pub modbus: Vec<ModbusDeviceConfig>,
+    /// The HTTP endpoint for Prometheus and health checks.
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `/metrics`, `/healthz` and `/readyz`. Localhost only unless changed here.
+    pub listen: SocketAddr,
+    /// `/readyz` fails when upstream has not been connected for this long.
+    pub ready_upstream_grace_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9184)),
+            ready_upstream_grace_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, or per module (`info,tsgw_forwarder=debug`).
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl GatewayConfig {
+    /// Reads `path` (which must exist), then the environment, then systemd credentials.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let figment = Self::figment(path)?;
+        let config: GatewayConfig = figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn figment(path: &Path) -> anyhow::Result<Figment> {
+        if !path.exists() {
+            bail!("config file {} does not exist", path.display());
+        }
+        let mut figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(NON_CONFIG_ENV));
+        for (key, value) in credentials()? {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        Ok(figment)
+    }
+
+    /// Checks what serde cannot: cross-field rules, compilable parsers, reachable files.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.upstream
+            .validate()
+            .context("invalid [upstream] section")?;
+        tsgw_mqtt::validate(&self.mqtt).context("invalid [mqtt] section")?;
+        for (i, port) in self.serial.iter().enumerate() {
+            port.validate()
+                .with_context(|| format!("invalid [[serial]] #{} ({:?})", i + 1, port.name))?;
+        }
+        for (i, device) in self.modbus.iter().enumerate() {
+            device
+                .validate()
+                .with_context(|| format!("invalid [[modbus]] #{} ({:?})", i + 1, device.name))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for name in self
+            .serial
+            .iter()
+            .map(|p| &p.name)
+            .chain(self.modbus.iter().map(|d| &d.name))
+        {
+            if !names.insert(name) {
+                bail!("device name {name:?} is used twice: names label metrics and logs, so they must be unique across [[serial]] and [[modbus]]");
+            }
+        }
+        if self.queue.max_bytes == 0 {
+            bail!("queue.max_bytes must be above 0");
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            bail!(
+                "log.level {:?} is not a valid tracing filter",
+                self.log.level
+            );
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, secrets masked: what `check-config` prints.
+    pub fn to_masked_toml(&self) -> anyhow::Result<String> {
+        toml::to_string_pretty(self).context("cannot render the config as TOML")
+    }
+}
+
+/// Figment errors already name the key and the file or variable it came
+/// from; this adds the hint users need most often.
+fn describe_figment_error(e: figment::Error) -> String {
+    let mut out = String::new();
+    for (i, err) in e.into_iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&err.to_string());
+        if err.to_string().contains("unknown field") {
+            out.push_str(" (check the spelling against config/gateway.example.toml)");
+        }
+    }
+    out
+}
+
+/// systemd `LoadCredential=` files: each file in `$CREDENTIALS_DIRECTORY` named
+/// like a dotted key (`upstream.password`) sets that key, so secrets need not
+/// sit in the world-readable config file.
+fn credentials() -> anyhow::Result<Vec<(String, String)>> {
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read CREDENTIALS_DIRECTORY {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let value = std::fs::read_to_string(entry.path())
+            .with_context(|| format!("cannot read credential {name}"))?;
+        out.push((name, value.trim_end_matches(['\r', '\n']).to_owned()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const MINIMAL: &str = r#"
+        [upstream]
+        client_id = "abc"
+        username = "abc"
+        password = "secret-pw"
+        [queue]
+        dir = "/tmp/x"
+    "#;
+
+    fn example() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/gateway.example.toml");
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn parse_and_validate(text: &str) -> GatewayConfig {
+        let config: GatewayConfig = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.validate().unwrap_or_else(|e| panic!("{e:#}"));
+        config
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let config = parse_and_validate(&example());
+        assert_eq!(config.mqtt.rules.len(), 2);
+        assert!(config.serial.is_empty());
+    }
+
+    #[test]
+    fn the_examples_marked_optional_parse_and_validate_too() {
+        let enabled = example().replace("#~ ", "");
+        let config = parse_and_validate(&enabled);
+        assert_eq!(config.serial.len(), 2);
+        assert_eq!(config.modbus.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            &format!("{MINIMAL}\n[http]\nlisten = \"127.0.0.1:1\"\nlsiten = 3\n"),
+        );
+        let err = GatewayConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("lsiten"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_named_file_is_an_error() {
+        let err = GatewayConfig::load(Path::new("/nonexistent/gateway.toml")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, MINIMAL);
+        let figment = GatewayConfig::figment(&path).unwrap();
+        let config: GatewayConfig = figment.extract().unwrap();
+        let text = config.to_masked_toml().unwrap();
+        assert!(!text.contains("secret-pw"), "{text}");
+        assert!(!format!("{config:?}").contains("secret-pw"));
+    }
+}

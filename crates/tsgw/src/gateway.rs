@@ -1,0 +1,294 @@
+//! Starts the pipeline, runs it until a stop signal, and stops it without losing data.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tsgw_core::{Metrics, Reading, ReadingStore};
+use tsgw_mqtt::MqttSource;
+use tsgw_queue::DurableQueue;
+
+use crate::config::GatewayConfig;
+use crate::ops::health::Health;
+use crate::ops::{http, systemd};
+use crate::pipeline::heartbeat::Heartbeat;
+use crate::pipeline::writer;
+
+/// Bound of the channel between sources and the queue writer. Enough to ride
+/// out a slow disk flush at full ingest rate without stalling the sources.
+const READING_CHANNEL: usize = 16 * 1024;
+
+/// How long a clean stop waits for sources to hand over their last readings.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A started gateway. Dropping it does not stop it: call [`Gateway::shutdown`].
+pub struct Gateway {
+    config: GatewayConfig,
+    metrics: Metrics,
+    queue: DurableQueue,
+    mqtt: MqttSource,
+    readings: mpsc::Sender<Reading>,
+    polled_devices: PolledDevices,
+    writer: JoinHandle<()>,
+    forwarder: JoinHandle<()>,
+    flusher: JoinHandle<()>,
+    http_addr: SocketAddr,
+    /// Cancels the sources (first, so their last readings reach the queue).
+    sources_stop: CancellationToken,
+    /// Cancels the forwarder, HTTP endpoint, flusher and watchdog (last).
+    service_stop: CancellationToken,
+}
+
+/// Serial and Modbus pollers; replaced as a group on reload.
+struct PolledDevices {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let sources_stop = CancellationToken::new();
+        let service_stop = CancellationToken::new();
+
+        let queue = DurableQueue::open(&config.queue, metrics.clone()).with_context(|| {
+            format!(
+                "cannot open the queue at {} (queue.dir)",
+                config.queue.dir.display()
+            )
+        })?;
+        info!(
+            dir = %config.queue.dir.display(),
+            readings = queue.len(),
+            bytes = queue.bytes(),
+            "queue open"
+        );
+        let flusher = queue.spawn_flusher(service_stop.clone());
+
+        let heartbeat = Heartbeat::new();
+        heartbeat.beat();
+        let health = Health::new(
+            heartbeat.clone(),
+            metrics.clone(),
+            Duration::from_secs(config.http.ready_upstream_grace_secs),
+        );
+        let http_addr = http::serve(
+            config.http.listen,
+            metrics.clone(),
+            health.clone(),
+            service_stop.clone(),
+        )
+        .await?;
+        info!(addr = %http_addr, "metrics and health endpoint ready");
+
+        let (readings, readings_rx) = mpsc::channel(READING_CHANNEL);
+        let writer = tokio::spawn(writer::run(
+            readings_rx,
+            queue.clone(),
+            metrics.clone(),
+            heartbeat,
+        ));
+
+        let mqtt = MqttSource::start(
+            &config.mqtt,
+            readings.clone(),
+            metrics.clone(),
+            sources_stop.clone(),
+        )
+        .await
+        .context("cannot start the local MQTT broker")?;
+
+        let polled_devices = spawn_polled_devices(&config, &readings, &metrics, &sources_stop)?;
+
+        let store: Arc<dyn ReadingStore> = Arc::new(queue.clone());
+        let forwarder = {
+            let upstream = config.upstream.clone();
+            let metrics = metrics.clone();
+            let stop = service_stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = tsgw_forwarder::run(upstream, store, metrics, stop).await {
+                    error!(error = %e, "the forwarder stopped: nothing will be sent upstream until the gateway restarts");
+                }
+            })
+        };
+
+        systemd::spawn_watchdog(health, service_stop.clone());
+        systemd::ready();
+        info!(
+            mqtt = ?mqtt.addrs().plain,
+            serial_ports = config.serial.len(),
+            modbus_devices = config.modbus.len(),
+            upstream = %config.upstream.host,
+            "gateway running"
+        );
+        Ok(Self {
+            config,
+            metrics,
+            queue,
+            mqtt,
+            readings,
+            polled_devices,
+            writer,
+            forwarder,
+            flusher,
+            http_addr,
+            sources_stop,
+            service_stop,
+        })
+    }
+
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.addrs().plain
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Applies a new config's mapping rules and devices. Sections that need a
+    /// restart (queue, upstream, listeners, HTTP) are reported, not applied.
+    /// The queue is untouched, so nothing queued is lost.
+    pub async fn reload(&mut self, new: GatewayConfig) -> anyhow::Result<()> {
+        new.validate()?;
+        self.mqtt
+            .reload_mapping(&new.mqtt)
+            .context("invalid [mqtt] section")?;
+        // Stop the old pollers before starting new ones: serial ports are
+        // opened exclusively, so the new task could not open a port the old
+        // one still holds.
+        self.polled_devices.stop.cancel();
+        for task in self.polled_devices.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        self.polled_devices =
+            spawn_polled_devices(&new, &self.readings, &self.metrics, &self.sources_stop)?;
+        for (section, changed) in [
+            ("queue", toml_of(&new.queue) != toml_of(&self.config.queue)),
+            (
+                "upstream",
+                toml_of(&new.upstream) != toml_of(&self.config.upstream),
+            ),
+            ("http", toml_of(&new.http) != toml_of(&self.config.http)),
+            (
+                "mqtt listeners",
+                (new.mqtt.listen, new.mqtt.websocket_listen, &new.mqtt.tls)
+                    != (
+                        self.config.mqtt.listen,
+                        self.config.mqtt.websocket_listen,
+                        &self.config.mqtt.tls,
+                    ),
+            ),
+        ] {
+            if changed {
+                warn!(
+                    section,
+                    "changed in the config, but only applied at the next restart"
+                );
+            }
+        }
+        info!(
+            rules = new.mqtt.rules.len(),
+            serial_ports = new.serial.len(),
+            modbus_devices = new.modbus.len(),
+            "config reloaded"
+        );
+        self.config = new;
+        Ok(())
+    }
+
+    /// Stops sources first, stores what they produced, flushes the queue,
+    /// then stops the forwarder.
+    pub async fn shutdown(self) {
+        systemd::stopping();
+        info!("stopping: draining sources into the queue");
+        self.sources_stop.cancel();
+        self.polled_devices.stop.cancel();
+        drop(self.readings);
+        drop(self.mqtt);
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.writer)
+            .await
+            .is_err()
+        {
+            warn!("sources did not stop within {DRAIN_TIMEOUT:?}; stopping anyway");
+        }
+        if let Err(e) = self.queue.flush().await {
+            error!(error = %e, "final queue flush failed");
+        }
+        self.service_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.forwarder).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.flusher).await;
+        info!(queued = self.queue.len(), "stopped; queue flushed");
+    }
+}
+
+fn spawn_polled_devices(
+    config: &GatewayConfig,
+    readings: &mpsc::Sender<Reading>,
+    metrics: &Metrics,
+    sources_stop: &CancellationToken,
+) -> anyhow::Result<PolledDevices> {
+    let stop = sources_stop.child_token();
+    let mut tasks = tsgw_serial::spawn_ports(
+        &config.serial,
+        readings.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )
+    .context("cannot start [[serial]] ports")?;
+    tasks.extend(
+        tsgw_modbus::spawn_devices(
+            &config.modbus,
+            readings.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )
+        .context("cannot start [[modbus]] devices")?,
+    );
+    Ok(PolledDevices { stop, tasks })
+}
+
+fn toml_of<T: serde::Serialize>(value: &T) -> String {
+    toml::to_string(value).unwrap_or_default()
+}
+
+/// Runs the gateway from a config file until SIGTERM or SIGINT; SIGHUP reloads.
+pub async fn run_until_stopped(config_path: PathBuf, config: GatewayConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+
+    let mut gateway = Gateway::start(config).await?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); break; }
+            _ = int.recv() => { info!("SIGINT received"); break; }
+            _ = hup.recv() => {
+                info!(path = %config_path.display(), "SIGHUP received: reloading the config");
+                let result = match GatewayConfig::load(&config_path) {
+                    Ok(new) => gateway.reload(new).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => gateway.metrics().config_reloads_total.with_label_values(&["applied"]).inc(),
+                    Err(e) => {
+                        gateway.metrics().config_reloads_total.with_label_values(&["rejected"]).inc();
+                        error!(error = format!("{e:#}"), "new config rejected; the running config stays in force");
+                    }
+                }
+            }
+        }
+    }
+    gateway.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Liveness and readiness, computed from the pipeline's heartbeat and metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tsgw_core::Metrics;
+
+use crate::pipeline::heartbeat::Heartbeat;
+
+/// The writer ticks every second; this much silence means it is stuck.
+pub const MAX_HEARTBEAT_AGE: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Health {
+    heartbeat: Heartbeat,
+    metrics: Metrics,
+    started: Instant,
+    upstream_grace: Duration,
+    last_upstream_seen: Arc<Mutex<Option<Instant>>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub reasons: Vec<String>,
+    pub queue_readings: i64,
+    pub queue_bytes: i64,
+    pub upstream_connected: bool,
+}
+
+impl Health {
+    pub fn new(heartbeat: Heartbeat, metrics: Metrics, upstream_grace: Duration) -> Self {
+        Self {
+            heartbeat,
+            metrics,
+            started: Instant::now(),
+            upstream_grace,
+            last_upstream_seen: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Alive: the pipeline's writer is making progress.
+    pub fn liveness(&self) -> Report {
+        let mut reasons = Vec::new();
+        let age = self.heartbeat.age();
+        if age > MAX_HEARTBEAT_AGE {
+            reasons.push(format!(
+                "queue writer has made no progress for {}s",
+                age.as_secs()
+            ));
+        }
+        self.report(reasons)
+    }
+
+    /// Ready: alive, and upstream connected now or within the grace period.
+    pub fn readiness(&self) -> Report {
+        let mut reasons = self.liveness().reasons;
+        let connected = self.upstream_connected();
+        let now = Instant::now();
+        let mut seen = self
+            .last_upstream_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if connected {
+            *seen = Some(now);
+        }
+        let since = seen.unwrap_or(self.started);
+        if !connected && now.duration_since(since) > self.upstream_grace {
+            reasons.push(match *seen {
+                Some(_) => format!(
+                    "upstream disconnected for {}s (http.ready_upstream_grace_secs = {})",
+                    now.duration_since(since).as_secs(),
+                    self.upstream_grace.as_secs()
+                ),
+                None => format!(
+                    "upstream never connected in {}s since start",
+                    now.duration_since(since).as_secs()
+                ),
+            });
+        }
+        drop(seen);
+        self.report(reasons)
+    }
+
+    /// Feeds the systemd watchdog only while this holds.
+    pub fn is_progressing(&self) -> bool {
+        self.heartbeat.age() <= MAX_HEARTBEAT_AGE
+    }
+
+    fn upstream_connected(&self) -> bool {
+        self.metrics
+            .registry()
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "tsgw_upstream_connected")
+            .flat_map(|family| family.get_metric())
+            .any(|m| m.get_gauge().get_value() > 0.0)
+    }
+
+    fn report(&self, reasons: Vec<String>) -> Report {
+        Report {
+            ok: reasons.is_empty(),
+            reasons,
+            queue_readings: self.metrics.queue_readings.get(),
+            queue_bytes: self.metrics.queue_bytes.get(),
+            upstream_connected: self.upstream_connected(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_upstream_gauge_after_the_grace_period() {
+        let metrics = Metrics::new();
+        let heartbeat = Heartbeat::new();
+        heartbeat.beat();
+        let health = Health::new(heartbeat, metrics.clone(), Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(5));
+        let r = health.readiness();
+        assert!(!r.ok);
+        assert!(r.reasons[0].contains("never connected"), "{:?}", r.reasons);
+
+        metrics
+            .upstream_connected
+            .with_label_values(&["main"])
+            .set(1);
+        assert!(health.readiness().ok);
+
+        metrics
+            .upstream_connected
+            .with_label_values(&["main"])
+            .set(0);
+        std::thread::sleep(Duration::from_millis(5));
+        let r = health.readiness();
+        assert!(
+            !r.ok && r.reasons[0].contains("disconnected"),
+            "{:?}",
+            r.reasons
+        );
+        assert!(health.liveness().ok);
+    }
+}

@@ -1,0 +1,21 @@
+//! Logs go to stderr, where journald picks them up.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// `RUST_LOG` wins over the configured level, so one run can be debugged
+/// without editing the config.
+pub fn init(level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // try_init: a second call (tests, `demo` starting a gateway) keeps the first.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
