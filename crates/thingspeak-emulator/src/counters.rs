@@ -29,7 +29,7 @@ macro_rules! counters {
 counters! {
     /// Transport connections accepted (before TLS/WebSocket/CONNECT).
     connections,
-    /// TLS or WebSocket handshakes that failed or timed out.
+    /// Connections that failed or timed out in the TLS/WebSocket handshake or before CONNECT.
     handshake_failures,
     /// MQTT sessions that got CONNACK 0.
     sessions,

@@ -389,6 +389,18 @@ impl EmulatorHandle {
         self.addrs.http
     }
 
+    /// `ws://127.0.0.1:<port>/mqtt`, the broker URL WebSocket clients (rumqttc, paho) take.
+    pub fn ws_url(&self) -> Option<String> {
+        self.addrs.ws.map(|a| format!("ws://{a}{WS_PATH}"))
+    }
+
+    /// `wss://localhost:<port>/mqtt` (host name `localhost`, which the generated certificate covers).
+    pub fn wss_url(&self) -> Option<String> {
+        self.addrs
+            .wss
+            .map(|a| format!("wss://localhost:{}{WS_PATH}", a.port()))
+    }
+
     /// PEM of the generated CA that signed the server certificate (`None` with own cert files).
     pub fn ca_cert_pem(&self) -> Option<&str> {
         self.ca_pem.as_deref()

@@ -373,3 +373,57 @@ async fn a_second_connection_with_the_same_client_id_takes_over() {
     second.publish("channels/100/publish", "field1=1").await;
     emu.wait_for_entries(ch(100), 1, T).await.unwrap();
 }
+
+#[tokio::test]
+async fn websocket_needs_the_mqtt_path_and_answers_the_mqtt_subprotocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = emulator().await;
+    assert_eq!(
+        emu.ws_url().unwrap(),
+        format!("ws://{}/mqtt", emu.ws_addr().unwrap())
+    );
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+        )
+    };
+    for (path, expect) in [("/other", "404"), ("/mqtt", "101")] {
+        let mut s = tokio::net::TcpStream::connect(emu.ws_addr().unwrap())
+            .await
+            .unwrap();
+        s.write_all(upgrade(path).as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(
+            head.starts_with(&format!("http/1.1 {expect}")),
+            "{path}: {head}"
+        );
+        if expect == "101" {
+            assert!(head.contains("sec-websocket-protocol: mqtt"), "{head}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_connect_is_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let emu = emulator().await;
+    let mut s = tokio::net::TcpStream::connect(emu.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    // Handshake timeout is 2 s in these tests; the server closes without a byte.
+    let n = tokio::time::timeout(T, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let c = emu.counters();
+    assert_eq!((c.handshake_failures, c.refusals, c.sessions), (1, 0, 0));
+}

@@ -76,7 +76,7 @@ pub(crate) async fn run(core: Arc<Core>, mut transport: Transport, peer: SocketA
         r = tokio::time::timeout(wait, read_connect(&mut transport, &mut buf)) => r,
     };
     let connect = match connect {
-        Err(_) => Err(ConnectFailure::Close(
+        Err(_) => Err(ConnectFailure::Abandoned(
             "no CONNECT within the handshake timeout".into(),
         )),
         Ok(r) => r,
@@ -133,10 +133,14 @@ pub(crate) async fn run(core: Arc<Core>, mut transport: Transport, peer: SocketA
 }
 
 enum ConnectFailure {
-    /// Answer with this CONNACK code, then close.
+    /// Refused: answer with this CONNACK code, then close.
     Refuse(ConnectReturnCode, String),
-    /// Close without answering.
-    Close(String),
+    /// Refused by the refusal fault in "close" mode: close without answering.
+    RefuseClose(String),
+    /// Not MQTT as ThingSpeak speaks it (malformed, or not starting with CONNECT).
+    Invalid(String),
+    /// The client went away or stayed silent before CONNECT.
+    Abandoned(String),
 }
 
 async fn read_connect(
@@ -147,7 +151,7 @@ async fn read_connect(
         match Packet::read(buf, MAX_PACKET) {
             Ok(Packet::Connect(c)) => return Ok(c),
             Ok(other) => {
-                return Err(ConnectFailure::Close(format!(
+                return Err(ConnectFailure::Invalid(format!(
                     "first packet is {} instead of CONNECT",
                     packet_name(&other)
                 )))
@@ -167,13 +171,13 @@ async fn read_connect(
                     "Will retain/QoS flags set (a Will is not allowed)".into(),
                 ))
             }
-            Err(e) => return Err(ConnectFailure::Close(format!("malformed CONNECT: {e}"))),
+            Err(e) => return Err(ConnectFailure::Invalid(format!("malformed CONNECT: {e}"))),
         }
         match transport.read_into(buf).await {
             Ok(true) => {}
-            Ok(false) => return Err(ConnectFailure::Close("closed before CONNECT".into())),
+            Ok(false) => return Err(ConnectFailure::Abandoned("closed before CONNECT".into())),
             Err(e) => {
-                return Err(ConnectFailure::Close(format!(
+                return Err(ConnectFailure::Abandoned(format!(
                     "read error before CONNECT: {e}"
                 )))
             }
@@ -211,7 +215,7 @@ fn admit(core: &Core, c: &Connect) -> Result<Identity, ConnectFailure> {
             RefuseMode::ServerUnavailable => {
                 ConnectFailure::Refuse(ConnectReturnCode::ServiceUnavailable, why)
             }
-            RefuseMode::Close => ConnectFailure::Close(why),
+            RefuseMode::Close => ConnectFailure::RefuseClose(why),
         });
     }
     let level = match c.protocol {
@@ -253,9 +257,10 @@ async fn refuse(
     kind: Kind,
     failure: ConnectFailure,
 ) {
-    LiveCounters::inc(&core.counters.refusals);
+    let c = &core.counters;
     match failure {
         ConnectFailure::Refuse(code, reason) => {
+            LiveCounters::inc(&c.refusals);
             warn!(%peer, transport = %kind, connack = code as u8, %reason, "connection refused");
             let mut out = BytesMut::new();
             if Packet::ConnAck(ConnAck::new(code, false))
@@ -265,8 +270,17 @@ async fn refuse(
                 let _ = transport.write_all(out.freeze()).await;
             }
         }
-        ConnectFailure::Close(reason) => {
+        ConnectFailure::RefuseClose(reason) => {
+            LiveCounters::inc(&c.refusals);
             warn!(%peer, transport = %kind, %reason, "connection refused");
+        }
+        ConnectFailure::Invalid(reason) => {
+            LiveCounters::inc(&c.closed_invalid);
+            warn!(%peer, transport = %kind, %reason, "connection closed");
+        }
+        ConnectFailure::Abandoned(reason) => {
+            LiveCounters::inc(&c.handshake_failures);
+            info!(%peer, transport = %kind, %reason, "connection closed");
         }
     }
     transport.close().await;
