@@ -268,4 +268,85 @@ mod tests {
         let b = merge(ch(1), &[other], None, t(0));
         assert!(b.is_empty());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+
+        fn target() -> impl Strategy<Value = Target> {
+            prop_oneof![
+                (1u8..=8).prop_map(|n| Target::Field(Field::new(n).unwrap())),
+                Just(Target::Status),
+                Just(Target::Latitude),
+                Just(Target::Longitude),
+                Just(Target::Elevation),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<f64>().prop_map(Value::Number),
+                // Up to 300 characters of any kind, so some exceed 255 bytes
+                // and some triple in size when URL-encoded.
+                ".{0,300}".prop_map(Value::Text),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn every_reading_is_covered_rejected_or_left_and_limits_hold(
+                input in proptest::collection::vec((target(), value(), 0i64..100), 0..40),
+                last in proptest::option::of(0i64..200),
+            ) {
+                let readings: Vec<Queued> = input
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (tg, v, s))| q(i as u64, *tg, v.clone(), t(*s)))
+                    .collect();
+                let b = merge(ch(1), &readings, last.map(t), t(150));
+
+                let covered: BTreeSet<QueueKey> = b.covered.iter().copied().collect();
+                let rejected: BTreeSet<QueueKey> = b.rejected.iter().map(|r| r.key).collect();
+                prop_assert_eq!(covered.len(), b.covered.len(), "no key twice");
+                prop_assert!(covered.is_disjoint(&rejected));
+
+                if !b.is_empty() {
+                    prop_assert!(b.update.validate().is_ok(), "{:?}", b.update.validate());
+                    prop_assert!(b.update.encode().len() <= MAX_MESSAGE_BYTES);
+                    let at = b.update.created_at.unwrap();
+                    // Not after now, unless only a step past the previous update
+                    // keeps the timestamps strictly increasing.
+                    match last {
+                        Some(l) => {
+                            prop_assert!(at > t(l));
+                            prop_assert!(at <= t(150).max(t(l + 1)));
+                        }
+                        None => prop_assert!(at <= t(150)),
+                    }
+                }
+                for qd in &readings {
+                    let text = qd.reading.value.to_string();
+                    if text.len() > MAX_VALUE_BYTES {
+                        prop_assert!(rejected.contains(&qd.key));
+                    } else if b.update.values.contains_key(&qd.reading.target) {
+                        // Every sendable reading of an included target is covered...
+                        prop_assert!(covered.contains(&qd.key));
+                    } else {
+                        // ...and readings of targets that did not fit stay queued.
+                        prop_assert!(!covered.contains(&qd.key) && !rejected.contains(&qd.key));
+                    }
+                }
+                // The value sent is the last sendable one of its target.
+                for (target, sent) in &b.update.values {
+                    let last_value = readings
+                        .iter()
+                        .filter(|qd| qd.reading.target == *target)
+                        .map(|qd| qd.reading.value.to_string())
+                        .rfind(|v| v.len() <= MAX_VALUE_BYTES);
+                    prop_assert_eq!(Some(sent), last_value.as_ref());
+                }
+            }
+        }
+    }
 }
