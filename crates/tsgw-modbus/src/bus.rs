@@ -43,15 +43,19 @@ pub(crate) struct Unit {
     next_due: Instant,
     /// Consecutive cycles that ended without an answer.
     failures: u32,
+    /// Per block: whether its last read got an exception (logged once, not every cycle).
+    block_failing: Vec<bool>,
 }
 
 impl Unit {
     pub(crate) fn new(cfg: &ModbusDeviceConfig) -> Self {
+        let blocks = plan_reads(&cfg.points, cfg.max_gap);
         Unit {
             name: cfg.name.clone(),
             unit_id: cfg.unit_id,
             channel: cfg.channel,
-            blocks: plan_reads(&cfg.points, cfg.max_gap),
+            block_failing: vec![false; blocks.len()],
+            blocks,
             points: cfg.points.clone(),
             interval: Duration::from_millis(cfg.poll_interval_ms),
             timeout: Duration::from_millis(cfg.timeout_ms),
@@ -160,9 +164,28 @@ impl Bus {
         let blocks = unit.blocks.clone();
         let mut answered = false;
         let mut failure: Option<(Failure, String)> = None;
-        for block in &blocks {
-            match self.request(index, block, attempts).await {
+        for (b, block) in blocks.iter().enumerate() {
+            let outcome = self.request(index, block, attempts).await;
+            let was_failing = self.units[index]
+                .block_failing
+                .get(b)
+                .copied()
+                .unwrap_or(false);
+            if let Some(flag) = self.units[index].block_failing.get_mut(b) {
+                *flag = matches!(outcome, Outcome::Exception(_));
+            }
+            if !answered && matches!(outcome, Outcome::Data(_) | Outcome::Exception(_)) {
+                // Up as soon as it answers, before its readings go out.
+                self.metrics
+                    .device_up
+                    .with_label_values(&[SOURCE, &name])
+                    .set(1);
+            }
+            match outcome {
                 Outcome::Data(data) => {
+                    if was_failing {
+                        info!(device = %name, "{} {} readable again", block.kind.describe(), block.start);
+                    }
                     answered = true;
                     emit(
                         &self.units[index],
@@ -177,13 +200,17 @@ impl Bus {
                 Outcome::Exception(code) => {
                     answered = true;
                     self.count_error(&name, "exception");
-                    warn!(
-                        device = %name,
-                        "exception {code:?} reading {} {}..{}",
+                    let message = format!(
+                        "exception {code:?} reading {} {}..{}; its points are skipped",
                         block.kind.describe(),
                         block.start,
                         u32::from(block.start) + u32::from(block.count)
                     );
+                    if was_failing {
+                        debug!(device = %name, "{message}");
+                    } else {
+                        warn!(device = %name, "{message}");
+                    }
                 }
                 Outcome::Failed(kind, message) => {
                     // The unit (or the link) is gone: leave the bus to the others.
@@ -202,7 +229,6 @@ impl Bus {
                     info!(device = %name, "answering again");
                 }
                 unit.failures = 0;
-                up.set(1);
                 unit.next_due = (unit.next_due + unit.interval).max(now);
             }
             Some((kind, message)) => {

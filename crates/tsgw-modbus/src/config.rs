@@ -448,6 +448,17 @@ mod tests {
     }
 
     #[test]
+    fn serialised_config_reads_back_identically() {
+        let d = example();
+        let text = toml::to_string(&d).unwrap();
+        assert_eq!(
+            toml::from_str::<ModbusDeviceConfig>(&text).unwrap(),
+            d,
+            "{text}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<ModbusDeviceConfig>(&EXAMPLE.replace("max_gap", "maxgap"))
             .unwrap_err();
