@@ -23,12 +23,16 @@ const READ_CHUNK: usize = 512;
 /// Device-caused warnings (bad lines, timeouts) are logged at most this often per port;
 /// the rest go to debug so a chattering device cannot flood the journal. Metrics count all.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// A session that delivered lines for at least this long proves the device
+/// healthy and resets the reconnect backoff. Requiring time as well as data
+/// keeps a flapping adapter (one line, then end-of-file) on the slow path.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
 
 /// Why a session with an open port ended.
 enum End {
     /// Shutdown was requested or the readings channel closed: stop the task.
     Stop,
-    /// The port went away; `healthy` if it delivered data before, which resets the backoff.
+    /// The port went away; `healthy` (see [`HEALTHY_AFTER`]) resets the backoff.
     Lost { healthy: bool },
 }
 
@@ -198,7 +202,9 @@ impl PortTask {
     async fn session(&mut self, mut stream: SerialStream, framer: &mut LineFramer) -> End {
         let mut buf = [0u8; READ_CHUNK];
         let mut frames = Vec::new();
-        let mut healthy = false;
+        let opened_at = Instant::now();
+        let mut got_line = false;
+        let healthy = |got_line: bool| got_line && opened_at.elapsed() >= HEALTHY_AFTER;
         let poll = self.resolved.poll.clone();
         let mut ticker = poll.as_ref().map(|p| {
             let mut t = interval(p.interval);
@@ -215,10 +221,9 @@ impl PortTask {
                         // An unplugged USB adapter reads as end-of-file: treat it as a disconnect.
                         self.counters.device_error("disconnect");
                         warn!(port = %self.name, "serial port closed (end of file); will reopen");
-                        return End::Lost { healthy };
+                        return End::Lost { healthy: healthy(got_line) };
                     }
                     Ok(n) => {
-                        healthy = true;
                         framer.push(buf.get(..n).unwrap_or_default(), &mut frames);
                         for frame in frames.drain(..) {
                             match frame {
@@ -229,6 +234,7 @@ impl PortTask {
                                         "line longer than {max} bytes dropped"));
                                 }
                                 Frame::Line(line) => {
+                                    got_line = true;
                                     if poll.is_some() {
                                         // The device answers: any line settles the outstanding poll.
                                         deadline = None;
@@ -246,7 +252,7 @@ impl PortTask {
                     Err(e) => {
                         self.counters.device_error("io");
                         warn!(port = %self.name, error = %e, "serial read failed; will reopen");
-                        return End::Lost { healthy };
+                        return End::Lost { healthy: healthy(got_line) };
                     }
                 },
                 _ = tick(&mut ticker) => {
@@ -256,7 +262,7 @@ impl PortTask {
                     }
                     match self.send_command(&mut stream, p).await {
                         Ok(()) => deadline = Some(tokio::time::Instant::now() + p.timeout),
-                        Err(()) => return End::Lost { healthy },
+                        Err(()) => return End::Lost { healthy: healthy(got_line) },
                     }
                 }
                 _ = wait_until(deadline), if deadline.is_some() => {
