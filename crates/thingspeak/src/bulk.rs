@@ -137,46 +137,6 @@ impl BulkEntry {
         entry
     }
 
-    pub fn get(&self, target: Target) -> Option<&str> {
-        let slot = match target {
-            Target::Field(f) => match f.get() {
-                1 => &self.field1,
-                2 => &self.field2,
-                3 => &self.field3,
-                4 => &self.field4,
-                5 => &self.field5,
-                6 => &self.field6,
-                7 => &self.field7,
-                _ => &self.field8,
-            },
-            Target::Status => &self.status,
-            Target::Latitude => &self.latitude,
-            Target::Longitude => &self.longitude,
-            Target::Elevation => &self.elevation,
-        };
-        slot.as_deref()
-    }
-
-    fn slot_mut(&mut self, target: Target) -> &mut Option<String> {
-        match target {
-            // Field guarantees 1..=8, so the catch-all arm is field8.
-            Target::Field(f) => match f.get() {
-                1 => &mut self.field1,
-                2 => &mut self.field2,
-                3 => &mut self.field3,
-                4 => &mut self.field4,
-                5 => &mut self.field5,
-                6 => &mut self.field6,
-                7 => &mut self.field7,
-                _ => &mut self.field8,
-            },
-            Target::Status => &mut self.status,
-            Target::Latitude => &mut self.latitude,
-            Target::Longitude => &mut self.longitude,
-            Target::Elevation => &mut self.elevation,
-        }
-    }
-
     /// The entry's values by target.
     pub fn values(&self) -> BTreeMap<Target, String> {
         payload::all_targets()
@@ -184,6 +144,8 @@ impl BulkEntry {
             .collect()
     }
 }
+
+crate::slots::impl_target_slots!(BulkEntry);
 
 impl BulkUpdateRequest {
     /// Checks the request against the licence's limits and the per-entry rules.

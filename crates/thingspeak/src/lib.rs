@@ -24,6 +24,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod payload;
+mod slots;
 pub mod time;
 pub mod topic;
 

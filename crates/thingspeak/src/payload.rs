@@ -229,50 +229,6 @@ impl EntryJson {
         entry
     }
 
-    pub fn get(&self, target: Target) -> Option<&str> {
-        let slot = match target {
-            Target::Field(f) => match f.get() {
-                1 => &self.field1,
-                2 => &self.field2,
-                3 => &self.field3,
-                4 => &self.field4,
-                5 => &self.field5,
-                6 => &self.field6,
-                7 => &self.field7,
-                _ => &self.field8,
-            },
-            Target::Status => &self.status,
-            Target::Latitude => &self.latitude,
-            Target::Longitude => &self.longitude,
-            Target::Elevation => &self.elevation,
-        };
-        slot.as_deref()
-    }
-
-    pub fn set(&mut self, target: Target, value: Option<String>) {
-        *self.slot_mut(target) = value;
-    }
-
-    fn slot_mut(&mut self, target: Target) -> &mut Option<String> {
-        match target {
-            // Field guarantees 1..=8, so the catch-all arm is field8.
-            Target::Field(f) => match f.get() {
-                1 => &mut self.field1,
-                2 => &mut self.field2,
-                3 => &mut self.field3,
-                4 => &mut self.field4,
-                5 => &mut self.field5,
-                6 => &mut self.field6,
-                7 => &mut self.field7,
-                _ => &mut self.field8,
-            },
-            Target::Status => &mut self.status,
-            Target::Latitude => &mut self.latitude,
-            Target::Longitude => &mut self.longitude,
-            Target::Elevation => &mut self.elevation,
-        }
-    }
-
     /// The entry's values as an update (with its `created_at`).
     pub fn to_update(&self) -> ChannelUpdate {
         let mut update = ChannelUpdate {
@@ -287,6 +243,8 @@ impl EntryJson {
         update
     }
 }
+
+crate::slots::impl_target_slots!(EntryJson);
 
 /// Every target, fields first.
 pub fn all_targets() -> impl Iterator<Item = Target> {
