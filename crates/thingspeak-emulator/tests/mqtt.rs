@@ -146,16 +146,20 @@ async fn idle_sessions_are_closed_even_while_pinging() {
 
 #[tokio::test]
 async fn publishing_keeps_a_session_alive() {
-    let emu = start(base().idle_timeout(Duration::from_secs(1))).await;
+    let emu = start(base().idle_timeout(Duration::from_secs(2))).await;
     let mut conn = connect(device(&emu, Tr::Tcp, DEV1)).await;
-    for v in 0..4 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Publishes 0.4 s apart for 2.4 s: longer in total than the idle timeout.
+    for v in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
         conn.publish("channels/100/publish/fields/field1", &v.to_string())
             .await;
     }
-    emu.wait_for_entries(ch(100), 4, T).await.unwrap();
+    emu.wait_for_entries(ch(100), 6, T).await.unwrap();
     assert_eq!(emu.counters().closed_idle, 0);
-    conn.expect_closed(Duration::from_secs(3)).await;
+    conn.expect_closed(Duration::from_secs(4)).await;
+    emu.wait_for_counters(T, |c| c.closed_idle == 1)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
