@@ -14,10 +14,15 @@ pub struct QueueConfig {
     /// Directory of the store. Created if missing. A store that cannot be opened
     /// is renamed to `<dir>.corrupt-<unix-time>` and a fresh one started.
     pub dir: PathBuf,
-    /// Bound of the stored readings, counted as encoded key + value bytes. When a
-    /// push would exceed it, the oldest queued readings (across all channels) are
-    /// dropped and counted. The files on disk are larger than this (sled is
-    /// log-structured and keeps free space after a drain): plan about 3x.
+    /// Bound of the stored readings, counted as encoded key + value bytes (about
+    /// 50 bytes per numeric reading). When a push would exceed it, the oldest
+    /// queued readings (across all channels) are dropped and counted.
+    ///
+    /// The files on disk are larger: sled is log-structured and does not give
+    /// space back after a drain. Measured on x86-64: 100k queued readings
+    /// (5 MB encoded) take about 20 MiB; a queue held full at a 1 MiB bound
+    /// through 2 million pushes stayed between 9 and 14 MiB. Plan on about 4x
+    /// this value plus 10 MiB.
     pub max_bytes: u64,
     /// Readings are durable (fsynced) at most this long after `push` returned.
     /// Also how often the queue gauges are refreshed.

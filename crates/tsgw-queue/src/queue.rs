@@ -672,4 +672,22 @@ mod tests {
         assert!(keys[1] > last_seq);
         assert_eq!(values(&q, 2), vec![2.0, 3.0]);
     }
+
+    #[test]
+    fn seqs_keep_growing_after_a_drained_queue_is_reopened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first_seq;
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            q.push(&[reading(1, 1.0)]).unwrap();
+            let queued = q.peek(ch(1), 1).unwrap();
+            first_seq = queued[0].key.seq;
+            q.remove(&[queued[0].key]).unwrap();
+            assert!(q.is_empty());
+        }
+        let (q, _) = open(tmp.path(), 1 << 20);
+        q.push(&[reading(1, 2.0)]).unwrap();
+        let again = q.peek(ch(1), 1).unwrap()[0].key.seq;
+        assert!(again > first_seq, "{again} <= {first_seq}");
+    }
 }
