@@ -144,6 +144,45 @@ mod tests {
         assert_eq!(out, vec![Frame::Overlong, line("1234")]);
     }
 
+    proptest::proptest! {
+        /// However the stream is cut into reads, the frames are the same:
+        /// each line is either delivered whole or reported over-long once.
+        #[test]
+        fn chunking_never_changes_the_frames(
+            lines in proptest::collection::vec("[a-z0-9=,. ]{0,40}", 0..20),
+            cuts in proptest::collection::vec(1usize..50, 1..10),
+        ) {
+            let max = 24;
+            let stream: Vec<u8> = lines.iter().flat_map(|l| [l.as_bytes(), b"\r\n"].concat()).collect();
+            let expected: Vec<Frame> = lines
+                .iter()
+                .filter_map(|l| {
+                    let trimmed = l.as_bytes();
+                    if trimmed.len() > max {
+                        Some(Frame::Overlong)
+                    } else if trimmed.is_empty() {
+                        None
+                    } else {
+                        Some(Frame::Line(trimmed.to_vec()))
+                    }
+                })
+                .collect();
+            let mut f = LineFramer::new(b"\r\n".to_vec(), max);
+            let mut out = Vec::new();
+            let mut rest = stream.as_slice();
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                f.push(&rest[..n], &mut out);
+                proptest::prop_assert!(f.buffered() <= max + 1);
+                rest = &rest[n..];
+                i += 1;
+            }
+            proptest::prop_assert_eq!(out, expected);
+            proptest::prop_assert_eq!(f.buffered(), 0);
+        }
+    }
+
     #[test]
     fn memory_stays_bounded_without_terminator() {
         let mut f = LineFramer::new(b"\r\n".to_vec(), 64);
