@@ -157,7 +157,7 @@ impl Bus {
         let name = unit.name.clone();
         // A unit already failing gets a single probe, so it cannot hog a shared bus.
         let attempts = if unit.failures == 0 {
-            1 + unit.retries
+            unit.retries.saturating_add(1)
         } else {
             1
         };

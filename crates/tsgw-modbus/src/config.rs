@@ -292,6 +292,22 @@ impl PointConfig {
     }
 }
 
+/// One day.
+pub const MAX_POLL_INTERVAL_MS: u64 = 86_400_000;
+/// Ten minutes.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+pub const MAX_RETRIES: u64 = 100;
+/// Ten seconds.
+pub const MAX_INTER_FRAME_DELAY_MS: u64 = 10_000;
+
+fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), String> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{key} = {value} is outside {min}..={max}"))
+    }
+}
+
 impl ModbusDeviceConfig {
     /// Checks everything that can be checked without touching the device.
     /// Errors name the device and, for a point, its index, name and register.
@@ -346,11 +362,24 @@ impl ModbusDeviceConfig {
                 }
             }
         }
-        if self.poll_interval_ms == 0 {
-            return Err(device_err("poll_interval_ms must be positive".to_owned()));
-        }
-        if self.timeout_ms == 0 {
-            return Err(device_err("timeout_ms must be positive".to_owned()));
+        // Upper bounds keep every deadline computable (no Instant overflow at runtime).
+        check_range(
+            "poll_interval_ms",
+            self.poll_interval_ms,
+            1,
+            MAX_POLL_INTERVAL_MS,
+        )
+        .map_err(device_err)?;
+        check_range("timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS).map_err(device_err)?;
+        check_range("retries", u64::from(self.retries), 0, MAX_RETRIES).map_err(device_err)?;
+        if let ModbusTransport::Rtu(rtu) = &self.transport {
+            check_range(
+                "transport.rtu.inter_frame_delay_ms",
+                rtu.inter_frame_delay_ms,
+                0,
+                MAX_INTER_FRAME_DELAY_MS,
+            )
+            .map_err(device_err)?;
         }
         if self.points.is_empty() {
             return Err(device_err("has no points to poll".to_owned()));
@@ -517,6 +546,31 @@ mod tests {
 
         let mut d = example();
         d.timeout_ms = 0;
-        assert!(d.validate().unwrap_err().to_string().contains("timeout_ms"));
+        assert!(d
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("timeout_ms = 0"));
+
+        // Values that would overflow deadlines are config errors, not panics later.
+        let mut d = example();
+        d.poll_interval_ms = u64::MAX;
+        assert!(d
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("poll_interval_ms"));
+        let mut d = example();
+        d.retries = u32::MAX;
+        assert!(d.validate().unwrap_err().to_string().contains("retries"));
+        let mut d = example();
+        if let ModbusTransport::Rtu(rtu) = &mut d.transport {
+            rtu.inter_frame_delay_ms = u64::MAX;
+        }
+        assert!(d
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("inter_frame_delay_ms"));
     }
 }

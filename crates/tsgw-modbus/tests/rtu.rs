@@ -229,6 +229,49 @@ async fn a_late_answer_is_not_taken_for_the_next_units_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_a_bus_are_serialised_with_the_inter_frame_delay() {
+    let sim = Sim::new();
+    load_meter(&sim, 1, 230.0, 1.0, 100.0);
+    load_meter(&sim, 2, 231.0, 2.0, 200.0);
+    let bus = RtuSim::start(sim.clone());
+    let mut devices = [
+        meter("meter-1", &bus.path, 1),
+        meter("meter-2", &bus.path, 2),
+    ];
+    for d in &mut devices {
+        // One cycle each, three separate block reads per meter.
+        d.poll_interval_ms = 60_000;
+        d.max_gap = 0;
+        if let tsgw_modbus::ModbusTransport::Rtu(rtu) = &mut d.transport {
+            rtu.inter_frame_delay_ms = 40;
+        }
+    }
+    let metrics = Metrics::new();
+    let (tx, mut rx) = mpsc::channel(64);
+    let shutdown = CancellationToken::new();
+    let tasks = spawn_devices(&devices, tx, metrics.clone(), shutdown.clone()).unwrap();
+    collect_until(&mut rx, LIMIT, |r| r.len() >= 6).await;
+
+    let log = sim.request_log();
+    assert_eq!(log.len(), 6, "three block reads per meter");
+    // Units take turns whole cycles at a time.
+    let units: Vec<u8> = log.iter().map(|(_, u)| *u).collect();
+    assert_eq!(units, [1, 1, 1, 2, 2, 2]);
+    for pair in log.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(40),
+            "requests only {gap:?} apart"
+        );
+    }
+
+    shutdown.cancel();
+    for t in tasks {
+        tokio::time::timeout(LIMIT, t).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meter_that_comes_back_is_polled_again() {
     let sim = Sim::new();
     let bus = RtuSim::start(sim.clone());

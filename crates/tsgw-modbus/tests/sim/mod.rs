@@ -29,6 +29,8 @@ struct State {
     silent: HashSet<u8>,
     delays: HashMap<u8, Duration>,
     requests: HashMap<u8, usize>,
+    /// Arrival time and unit of every request, in order.
+    log: Vec<(tokio::time::Instant, u8)>,
 }
 
 /// Shared, cloneable simulator state; every clone serves the same registers.
@@ -83,6 +85,11 @@ impl Sim {
         self.state().delays.insert(unit, delay);
     }
 
+    /// Every request so far: when it arrived and for which unit.
+    pub fn request_log(&self) -> Vec<(tokio::time::Instant, u8)> {
+        self.state().log.clone()
+    }
+
     /// Requests received for `unit` so far.
     pub fn requests(&self, unit: u8) -> usize {
         self.state().requests.get(&unit).copied().unwrap_or(0)
@@ -128,6 +135,7 @@ impl Sim {
         let mut st = self.state();
         let unit = req.slave;
         *st.requests.entry(unit).or_default() += 1;
+        st.log.push((tokio::time::Instant::now(), unit));
         if st.silent.contains(&unit) {
             return Ok(None);
         }
