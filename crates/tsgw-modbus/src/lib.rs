@@ -16,6 +16,7 @@ mod bus;
 pub mod config;
 pub mod decode;
 mod error;
+mod fresh_input;
 mod link;
 pub mod plan;
 

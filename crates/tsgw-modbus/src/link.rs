@@ -2,19 +2,15 @@
 //! with a deadline, classified into what the poller needs to know.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::time::timeout;
 use tokio_modbus::client::{rtu, tcp, Client, Context};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
-use tokio_serial::SerialPort as _;
 
 use crate::config::{Parity, RegisterKind, RtuConfig};
 use crate::decode::BlockData;
+use crate::fresh_input::FreshInput;
 use crate::plan::ReadBlock;
 
 /// Where a bus's requests go.
@@ -114,10 +110,7 @@ impl Endpoint {
                     .flow_control(tokio_serial::FlowControl::None);
                 let port = tokio_serial::SerialStream::open(&builder).map_err(io::Error::from)?;
                 Ok(rtu::attach_slave(
-                    FreshInput {
-                        port,
-                        path: cfg.path.clone(),
-                    },
+                    FreshInput::new(port, cfg.path.clone()),
                     Slave::broadcast(),
                 ))
             }
@@ -163,48 +156,6 @@ impl Endpoint {
             Ok(Ok(Ok(response))) => response,
         };
         check_response(block, response)
-    }
-}
-
-/// A serial port that discards unread input whenever a request is written.
-///
-/// RTU frames carry no transaction id: a unit that answers after its timeout
-/// would otherwise have its late frame taken for the answer to the next request.
-/// On a half-duplex bus nothing that arrived before a request can answer it, so
-/// dropping it is always safe.
-struct FreshInput {
-    port: tokio_serial::SerialStream,
-    path: String,
-}
-
-impl AsyncRead for FreshInput {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.port).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for FreshInput {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if let Err(err) = self.port.clear(tokio_serial::ClearBuffer::Input) {
-            tracing::debug!(path = %self.path, "cannot discard stale serial input: {err}");
-        }
-        Pin::new(&mut self.port).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.port).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.port).poll_shutdown(cx)
     }
 }
 
