@@ -42,6 +42,10 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Sleep used when nothing is scheduled (a push or an event wakes us earlier).
 const IDLE: Duration = Duration::from_secs(3600);
+/// ThingSpeak closes a connection without PUBLISH for an hour, without
+/// warning (pings do not count), and a publish racing that close vanishes.
+/// So a connection idle this long is replaced by a fresh one before publishing.
+const RENEW_IDLE_AFTER: Duration = Duration::from_secs(50 * 60);
 
 enum Conn {
     Down {
@@ -57,6 +61,8 @@ enum Conn {
         client: AsyncClient,
         task: JoinHandle<()>,
         since: Instant,
+        /// When this connection last wrote a PUBLISH (or came up).
+        last_publish: Instant,
     },
 }
 
@@ -81,6 +87,7 @@ pub(crate) struct Forwarder {
     next_generation: u64,
     refusal_reported: bool,
     store_failing: bool,
+    renew_idle_after: Duration,
     events_tx: mpsc::Sender<ConnEvent>,
     events_rx: mpsc::Receiver<ConnEvent>,
 }
@@ -114,6 +121,7 @@ impl Forwarder {
             next_generation: 0,
             refusal_reported: false,
             store_failing: false,
+            renew_idle_after: RENEW_IDLE_AFTER,
             events_tx,
             events_rx,
         }
@@ -218,12 +226,16 @@ impl Forwarder {
                 generation,
                 client,
                 task,
-            } => Conn::Up {
-                generation,
-                client,
-                task,
-                since: Instant::now(),
-            },
+            } => {
+                let now = Instant::now();
+                Conn::Up {
+                    generation,
+                    client,
+                    task,
+                    since: now,
+                    last_publish: now,
+                }
+            }
             other => other,
         };
         self.refusal_reported = false;
@@ -252,6 +264,9 @@ impl Forwarder {
             return;
         }
         let now = Instant::now();
+        if let Conn::Up { last_publish, .. } = &mut self.conn {
+            *last_publish = now;
+        }
         let batch = in_flight.batch;
         let channel = batch.channel;
         self.schedule.record(channel, now);
@@ -381,10 +396,13 @@ impl Forwarder {
     /// to look again.
     fn publish_due(&mut self, now: Instant) -> Result<Instant, tsgw_core::StoreError> {
         let idle = now + IDLE;
-        let (generation, client) = match &self.conn {
+        let (generation, client, last_publish) = match &self.conn {
             Conn::Up {
-                generation, client, ..
-            } => (*generation, client.clone()),
+                generation,
+                client,
+                last_publish,
+                ..
+            } => (*generation, client.clone(), *last_publish),
             _ => return Ok(idle),
         };
         if let Some(f) = &self.in_flight {
@@ -407,6 +425,10 @@ impl Forwarder {
             if batch.is_empty() {
                 continue;
             }
+            if now.duration_since(last_publish) >= self.renew_idle_after {
+                self.renew_connection(now);
+                return Ok(now);
+            }
             let topic = Topic::Publish { channel, key: None }.to_string();
             let payload = batch.update.encode();
             match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
@@ -426,6 +448,28 @@ impl Forwarder {
             }
         }
         Ok(wake)
+    }
+
+    /// Replaces an idle connection ThingSpeak may be about to close by a fresh
+    /// one (connected at once, without backoff). The readings stay queued.
+    fn renew_connection(&mut self, now: Instant) {
+        let conn = std::mem::replace(&mut self.conn, Conn::Down { retry_at: now });
+        if let Conn::Up { task, .. } = conn {
+            task.abort();
+            tracing::info!(
+                connection = %self.connection,
+                "renewing a connection idle for {} s before publishing",
+                self.renew_idle_after.as_secs()
+            );
+            self.metrics
+                .upstream_connected
+                .with_label_values(&[&self.connection])
+                .set(0);
+            self.metrics
+                .upstream_disconnects_total
+                .with_label_values(&[&self.connection, "renew_idle"])
+                .inc();
+        }
     }
 
     /// Removes readings that can never be sent, counting and logging each.
@@ -606,6 +650,7 @@ mod tests {
             client,
             task: tokio::spawn(async {}),
             since: Instant::now(),
+            last_publish: Instant::now(),
         };
         eventloop
     }
@@ -690,6 +735,43 @@ mod tests {
         let update = &f.in_flight.as_ref().unwrap().batch.update;
         assert_eq!(update.get(Target::Status), Some("ok"));
         assert_eq!(update.get(field1()), None);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_renewed_before_publishing() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(1.0));
+        let metrics = Metrics::new();
+        let mut f = Forwarder::new(config(), None, store.clone(), metrics.clone());
+        f.renew_idle_after = Duration::from_millis(50);
+        let _loop = connect_as(&mut f, 0);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+
+        let t = Instant::now() + Duration::from_secs(2);
+        f.publish_due(t).unwrap();
+        assert!(
+            f.in_flight.is_none(),
+            "not published on the idle connection"
+        );
+        assert!(
+            matches!(f.conn, Conn::Down { retry_at } if retry_at == t),
+            "reconnect at once"
+        );
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            metrics
+                .upstream_disconnects_total
+                .with_label_values(&["127.0.0.1:1883", "renew_idle"])
+                .get(),
+            1
+        );
+
+        // A fresh connection publishes at once.
+        f.renew_idle_after = RENEW_IDLE_AFTER;
+        let _loop = connect_as(&mut f, 1);
+        f.publish_due(Instant::now() + Duration::from_secs(2))
+            .unwrap();
+        assert!(f.in_flight.is_some());
     }
 
     #[tokio::test]

@@ -31,6 +31,9 @@
 //!   strictly increasing per channel).
 //! - Readings leave the store only after their update was written to the
 //!   connection. If the connection drops first, they are sent after reconnect.
+//! - A connection without a PUBLISH for 50 minutes is replaced before the
+//!   next update: ThingSpeak closes it at 60 without warning, and a publish
+//!   racing that close would vanish.
 //! - Reconnects back off exponentially with jitter; a refused CONNECT
 //!   (bad credentials, not authorised) is logged once at error level and
 //!   retried at the maximum backoff.
