@@ -11,15 +11,73 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::json;
 use thingspeak::{BulkError, BulkUpdateRequest, ChannelId, License, UpdateRequest};
-use tracing::{debug, info};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
 
 use crate::core::Core;
 use crate::counters::LiveCounters;
 use crate::faults::RefuseMode;
 use crate::state::{BulkRejected, BulkTime, BulkUpdate, WriteOrigin};
+
+/// Serves `app` over TLS until shutdown: the same API as the plain listener,
+/// for clients that insist on `https://` like the real `api.thingspeak.com`.
+pub(crate) async fn serve_https(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    core: Arc<Core>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = core.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "HTTPS accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, app, core) = (acceptor.clone(), app.clone(), core.clone());
+        tokio::spawn(async move {
+            let timeout = core.session.handshake_timeout;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "HTTPS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "HTTPS handshake timed out");
+                    return;
+                }
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = core.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
+}
 
 pub(crate) fn router(core: Arc<Core>) -> Router {
     Router::new()

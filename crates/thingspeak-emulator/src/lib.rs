@@ -83,6 +83,7 @@ pub struct EmulatorBuilder {
     ws: Option<String>,
     wss: Option<String>,
     http: Option<String>,
+    https: Option<String>,
     idle_timeout: Duration,
     handshake_timeout: Duration,
     limits: Limits,
@@ -101,6 +102,7 @@ impl Default for EmulatorBuilder {
             ws: None,
             wss: None,
             http: None,
+            https: None,
             idle_timeout: thingspeak::limits::IDLE_TIMEOUT,
             handshake_timeout: Duration::from_secs(10),
             limits: Limits::default(),
@@ -141,6 +143,12 @@ impl EmulatorBuilder {
     /// REST (`/update.json`, `bulk_update.json`) plus the `/api` inspection API, plain HTTP.
     pub fn http(mut self, addr: impl Into<String>) -> Self {
         self.http = Some(addr.into());
+        self
+    }
+
+    /// The same HTTP service over TLS (the certificate of the MQTT TLS listeners).
+    pub fn https(mut self, addr: impl Into<String>) -> Self {
+        self.https = Some(addr.into());
         self
     }
 
@@ -227,7 +235,7 @@ impl EmulatorBuilder {
         }
         config::validate(&self.channels, &self.devices).map_err(Error::Invalid)?;
 
-        let needs_tls = self.tls.is_some() || self.wss.is_some();
+        let needs_tls = self.tls.is_some() || self.wss.is_some() || self.https.is_some();
         let server_tls = if needs_tls {
             Some(tls::build(&self.cert)?)
         } else {
@@ -282,6 +290,10 @@ impl EmulatorBuilder {
             Some(addr) => Some(bind("http", addr).await?),
             None => None,
         };
+        let https_listener = match &self.https {
+            Some(addr) => Some(bind("https", addr).await?),
+            None => None,
+        };
 
         let mut addrs = Addrs::default();
         let mut tasks = Vec::new();
@@ -322,6 +334,20 @@ impl EmulatorBuilder {
             }));
         }
 
+        if let (Some(listener), Some(server_tls)) = (https_listener, &server_tls) {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::bind("https", "bound socket", e))?;
+            info!(%addr, "HTTPS listening");
+            addrs.https = Some(addr);
+            tasks.push(tokio::spawn(http::serve_https(
+                listener,
+                server_tls.acceptor.clone(),
+                http::router(core.clone()),
+                core.clone(),
+            )));
+        }
+
         Ok(EmulatorHandle {
             core,
             addrs,
@@ -355,6 +381,7 @@ struct Addrs {
     ws: Option<SocketAddr>,
     wss: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
 }
 
 /// A running emulator. Dropping it stops every listener and connection
@@ -387,6 +414,10 @@ impl EmulatorHandle {
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.addrs.http
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.addrs.https
     }
 
     /// `ws://127.0.0.1:<port>/mqtt`, the broker URL WebSocket clients (rumqttc, paho) take.

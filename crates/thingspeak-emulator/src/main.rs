@@ -44,6 +44,10 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
 
+    /// HTTPS listen address: the same service as --http over TLS (like api.thingspeak.com).
+    #[arg(long, value_name = "ADDR")]
+    https: Option<String>,
+
     /// Seconds without PUBLISH or SUBSCRIBE before a session is closed (min 1; pings do not count).
     #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
     idle_timeout: f64,
@@ -122,6 +126,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(a) = args.http {
         b = b.http(a);
     }
+    if let Some(a) = args.https {
+        b = b.https(a);
+    }
     if let (Some(cert), Some(key)) = (args.cert, args.key) {
         b = b.cert_files(cert, key);
     }
@@ -140,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         "ws": addr(emu.ws_addr()),
         "wss": addr(emu.wss_addr()),
         "http": addr(emu.http_addr()),
+        "https": addr(emu.https_addr()),
         "ca_file": emu.ca_file().map(|p| p.display().to_string()),
     });
     println!("{ready}");

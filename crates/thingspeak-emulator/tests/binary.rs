@@ -21,6 +21,7 @@ async fn help_documents_every_flag() {
         "--ws",
         "--wss",
         "--http",
+        "--https",
         "--idle-timeout",
         "--interval",
         "--bulk-interval",

@@ -272,3 +272,31 @@ async fn the_next_n_publishes_can_be_lost_silently() {
     let e = emu.wait_for_entries(ch(100), 2, T).await.unwrap();
     assert_eq!(e[1].field(1), Some("5"));
 }
+
+#[tokio::test]
+async fn rest_works_over_https_with_the_generated_ca() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = start(base().https("127.0.0.1:0")).await;
+    let addr = emu.https_addr().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_config(&emu));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let body = "api_key=WKEY100&field1=12";
+        let req = format!(
+            "POST /update HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        // A peer closing TLS without close_notify is fine here: the response is complete.
+        let _ = tls.read_to_end(&mut resp).await;
+        String::from_utf8(resp).unwrap()
+    };
+    let resp = tokio::time::timeout(T, exchange).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\n1"), "{resp}");
+    assert_eq!(emu.entries(ch(100))[0].field(1), Some("12"));
+}

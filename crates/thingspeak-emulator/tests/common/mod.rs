@@ -64,6 +64,11 @@ pub enum Tr {
 pub const ALL: [Tr; 4] = [Tr::Tcp, Tr::Tls, Tr::Ws, Tr::Wss];
 
 fn client_tls(emu: &EmulatorHandle) -> TlsConfiguration {
+    TlsConfiguration::Rustls(client_config(emu))
+}
+
+/// A rustls client configuration (ring) trusting only the emulator's CA.
+pub fn client_config(emu: &EmulatorHandle) -> Arc<rustls::ClientConfig> {
     let pem = emu.ca_cert_pem().expect("generated CA");
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
@@ -75,7 +80,7 @@ fn client_tls(emu: &EmulatorHandle) -> TlsConfiguration {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    TlsConfiguration::Rustls(Arc::new(config))
+    Arc::new(config)
 }
 
 /// Options for a client of `emu` over `tr`, no credentials.
