@@ -36,6 +36,10 @@ pub enum QueueError {
         max_bytes: u64,
     },
 
+    /// The store failed earlier and is being reopened (see the flusher).
+    #[error("queue store {dir} is being reopened after a storage error")]
+    Unavailable { dir: PathBuf },
+
     /// Reading or writing the store failed (disk full, I/O error, ...).
     #[error("queue {op} failed: {source}")]
     Storage {
@@ -43,10 +47,4 @@ pub enum QueueError {
         #[source]
         source: sled::Error,
     },
-}
-
-impl QueueError {
-    pub(crate) fn storage(op: &'static str) -> impl FnOnce(sled::Error) -> QueueError {
-        move |source| QueueError::Storage { op, source }
-    }
 }

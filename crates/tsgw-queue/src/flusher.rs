@@ -3,7 +3,8 @@
 //! sled's own periodic flush is off (see `open`): this task fsyncs every
 //! `flush_interval_ms`, but only when something was written since the last
 //! flush, so an idle gateway does not touch the SD card. Each tick also
-//! refreshes `queue_oldest_age_seconds`, which grows while nothing happens.
+//! refreshes `queue_oldest_age_seconds`, which grows while nothing happens,
+//! and, after a storage error, tries to reopen the store.
 
 use std::sync::atomic::Ordering;
 
@@ -30,7 +31,10 @@ impl DurableQueue {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                if queue.inner.dirty.load(Ordering::Acquire) {
+                if queue.has_failed() {
+                    // sled stays failed after an I/O error: reopen (retried each tick).
+                    queue.reopen_if_failed();
+                } else if queue.inner.dirty.load(Ordering::Acquire) {
                     if let Err(e) = queue.flush().await {
                         error!(error = %e, "queue flush failed; retrying next interval");
                     }

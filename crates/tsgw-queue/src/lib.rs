@@ -14,10 +14,10 @@
 //!   `<dir>.corrupt-<unix-time>` and a clean one started
 //!   (`tsgw_queue_quarantined_total`).
 //! - **Failing disk**: a write error (disk full, I/O error) is returned by
-//!   `push`/`flush` as [`QueueError::Storage`]; nothing panics. sled then stays
-//!   failed for the life of the process (it keeps the first I/O error), so every
-//!   later push fails too and the process must be restarted (the binary's
-//!   watchdog sees no progress); flushed readings survive and are found on reopen.
+//!   `push`/`flush` as [`QueueError::Storage`]; nothing panics. sled keeps its
+//!   first I/O error and fails everything after it, so the flusher closes and
+//!   reopens the store each interval until that works (pushes fail meanwhile,
+//!   the caller counts them); flushed readings are kept.
 //! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, filled by
 //!   one scan at open.
 //!

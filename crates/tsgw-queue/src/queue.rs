@@ -5,16 +5,23 @@
 //! eviction never races a removal. Reads (`peek`, `oldest`) take no lock: sled's
 //! iterators are consistent per key, and a key that vanishes between a peek and
 //! its removal is simply ignored by `remove`.
+//!
+//! sled keeps the first I/O error it meets and fails every later operation.
+//! So any storage error marks the queue failed, and the flusher then closes
+//! and reopens the store (rescanning it, quarantining it if it no longer opens)
+//! until that works: after a full disk has been cleaned up, the queue resumes
+//! without a restart. Meanwhile operations return [`QueueError::Unavailable`]
+//! or the storage error.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 use tsgw_core::{ChannelId, Metrics, QueueKey, Queued, Reading, ReadingStore, StoreError};
 
 use crate::codec::{
@@ -28,6 +35,8 @@ use crate::open::open_or_quarantine;
 
 /// At most one "queue full" warning per this period (with the count since the last).
 const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// At most one "store still failing" error per this period while reopening.
+const REOPEN_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The on-disk queue of readings. Cheap to clone: all clones share one store.
 #[derive(Clone)]
@@ -36,14 +45,24 @@ pub struct DurableQueue {
 }
 
 pub(crate) struct Inner {
-    pub(crate) db: sled::Db,
-    readings: sled::Tree,
+    /// `None` only while a failed store is being reopened.
+    store: RwLock<Option<Arc<Store>>>,
     pub(crate) config: QueueConfig,
     metrics: Metrics,
     state: Mutex<State>,
     pushed: Arc<Notify>,
     /// Set after every applied write; cleared by whoever starts a flush.
     pub(crate) dirty: AtomicBool,
+    /// Set when sled reported an error; the flusher then reopens the store.
+    pub(crate) failed: AtomicBool,
+    reopen_log: Mutex<DropLog>,
+}
+
+/// One open sled store. Dropped (closing its files) when the last in-flight
+/// operation holding it ends.
+pub(crate) struct Store {
+    db: sled::Db,
+    readings: sled::Tree,
 }
 
 struct State {
@@ -68,8 +87,10 @@ impl DurableQueue {
         let opened = open_or_quarantine(config, &metrics)?;
         let queue = DurableQueue {
             inner: Arc::new(Inner {
-                db: opened.db,
-                readings: opened.readings,
+                store: RwLock::new(Some(Arc::new(Store {
+                    db: opened.db,
+                    readings: opened.readings,
+                }))),
                 config: config.clone(),
                 metrics,
                 state: Mutex::new(State {
@@ -79,6 +100,8 @@ impl DurableQueue {
                 }),
                 pushed: Arc::new(Notify::new()),
                 dirty: AtomicBool::new(false),
+                failed: AtomicBool::new(false),
+                reopen_log: Mutex::new(DropLog::new(REOPEN_LOG_EVERY)),
             }),
         };
         queue.update_count_gauges(&queue.lock().counts);
@@ -110,11 +133,14 @@ impl DurableQueue {
             });
         }
 
+        // Lock first, then take the store: a reopen (which holds the lock)
+        // never races a push still holding the old store.
         let mut state = self.lock();
+        let store = self.store()?;
         let excess = (state.counts.total().bytes + batch_bytes).saturating_sub(max_bytes);
         let victims = if excess > 0 {
-            self.oldest_victims(&state.counts, excess)
-                .map_err(QueueError::storage("choosing readings to drop"))?
+            self.oldest_victims(&store, &state.counts, excess)
+                .map_err(self.failure("choosing readings to drop"))?
         } else {
             Vec::new()
         };
@@ -122,11 +148,11 @@ impl DurableQueue {
         let mut added = Vec::with_capacity(encoded.len());
         let mut writes = Vec::with_capacity(encoded.len());
         for (channel, value) in encoded {
-            let seq = self.next_seq(&mut state)?;
+            let seq = self.next_seq(&store, &mut state)?;
             added.push((channel, (KEY_LEN + value.len()) as u64));
             writes.push((encode_key(QueueKey { channel, seq }), value));
         }
-        self.write(&victims, writes)?;
+        self.write(&store, &victims, writes)?;
         self.inner.dirty.store(true, Ordering::Release);
 
         for v in &victims {
@@ -167,17 +193,18 @@ impl DurableQueue {
     /// flush, and they were being dropped anyway.
     fn write(
         &self,
+        store: &Store,
         victims: &[Victim],
         writes: Vec<([u8; KEY_LEN], Vec<u8>)>,
     ) -> Result<(), QueueError> {
-        let tree = &self.inner.readings;
+        let tree = &store.readings;
         if let [(key, value)] = &writes[..] {
             for v in victims {
                 tree.remove(&v.raw_key)
-                    .map_err(QueueError::storage("dropping the oldest readings"))?;
+                    .map_err(self.failure("dropping the oldest readings"))?;
             }
             tree.insert(key, value.as_slice())
-                .map_err(QueueError::storage("push"))?;
+                .map_err(self.failure("push"))?;
             return Ok(());
         }
         let mut batch = sled::Batch::default();
@@ -187,7 +214,7 @@ impl DurableQueue {
         for (key, value) in writes {
             batch.insert(&key[..], value);
         }
-        tree.apply_batch(batch).map_err(QueueError::storage("push"))
+        tree.apply_batch(batch).map_err(self.failure("push"))
     }
 
     /// Readings currently queued.
@@ -209,15 +236,12 @@ impl DurableQueue {
     /// drop. This is the device's (or receive) time, not the enqueue time, so a
     /// device with a wrong clock shows up here. `None` when empty.
     pub fn oldest(&self) -> Option<DateTime<Utc>> {
+        let store = self.store().ok()?;
         let channels = self.lock().counts.channels();
         let mut oldest: Option<(u64, sled::IVec)> = None;
         for channel in channels {
             // An error or undecodable entry is left to peek, which drops and counts it.
-            let Some(Ok((k, v))) = self
-                .inner
-                .readings
-                .scan_prefix(channel_prefix(channel))
-                .next()
+            let Some(Ok((k, v))) = store.readings.scan_prefix(channel_prefix(channel)).next()
             else {
                 continue;
             };
@@ -232,15 +256,13 @@ impl DurableQueue {
 
     /// Makes everything pushed so far durable.
     pub async fn flush(&self) -> Result<(), QueueError> {
+        let store = self.store()?;
         self.inner.dirty.store(false, Ordering::Release);
-        match self.inner.db.flush_async().await {
+        match store.db.flush_async().await {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.inner.dirty.store(true, Ordering::Release);
-                Err(QueueError::Storage {
-                    op: "flush",
-                    source: e,
-                })
+                Err(self.failure("flush")(e))
             }
         }
     }
@@ -263,6 +285,83 @@ impl DurableQueue {
             .set(i64::try_from(total.bytes).unwrap_or(i64::MAX));
     }
 
+    /// The open store, or `Unavailable` while a failed one is being reopened.
+    fn store(&self) -> Result<Arc<Store>, QueueError> {
+        let slot = self
+            .inner
+            .store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        slot.clone().ok_or_else(|| QueueError::Unavailable {
+            dir: self.inner.config.dir.clone(),
+        })
+    }
+
+    /// Maps a sled error of `op` and marks the store for reopening.
+    fn failure(&self, op: &'static str) -> impl FnOnce(sled::Error) -> QueueError + '_ {
+        move |source| {
+            self.inner.failed.store(true, Ordering::Release);
+            QueueError::Storage { op, source }
+        }
+    }
+
+    /// True after a storage error, until [`DurableQueue::reopen_if_failed`] succeeds.
+    pub(crate) fn has_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// Closes a failed store and opens it again (rescanning, or quarantining
+    /// it if it no longer opens). Pushes and removals wait meanwhile. Returns
+    /// whether the queue works again; on failure the flusher retries later.
+    pub(crate) fn reopen_if_failed(&self) -> bool {
+        if !self.has_failed() {
+            return true;
+        }
+        let mut state = self.lock();
+        // Close the failed store first: sled holds a file lock until every
+        // handle is gone (an in-flight peek may delay that; then the open
+        // below fails with "lock" and the next attempt succeeds).
+        self.inner
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match open_or_quarantine(&self.inner.config, &self.inner.metrics) {
+            Ok(opened) => {
+                state.counts = opened.counts;
+                state.last_seq = state.last_seq.max(opened.max_seq);
+                *self
+                    .inner
+                    .store
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Store {
+                    db: opened.db,
+                    readings: opened.readings,
+                }));
+                self.inner.failed.store(false, Ordering::Release);
+                self.update_count_gauges(&state.counts);
+                info!(
+                    dir = %self.inner.config.dir.display(),
+                    readings = state.counts.total().readings,
+                    "queue store reopened after a storage error"
+                );
+                true
+            }
+            Err(e) => {
+                let due = self
+                    .inner
+                    .reopen_log
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .record(1, Instant::now());
+                if let Some(attempts) = due {
+                    error!(error = %e, attempts, "queue store still unusable; retrying every flush interval");
+                }
+                false
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code path panics while holding the lock; if one ever did, the
         // counts are still usable (at worst off by one batch), so keep going.
@@ -276,12 +375,11 @@ impl DurableQueue {
     /// persisted id generator survives crashes (it skips ahead on recovery), and
     /// `last_seq` (seeded with the highest stored seq) guards against it ever
     /// going backwards.
-    fn next_seq(&self, state: &mut State) -> Result<u64, QueueError> {
-        let id = self
-            .inner
+    fn next_seq(&self, store: &Store, state: &mut State) -> Result<u64, QueueError> {
+        let id = store
             .db
             .generate_id()
-            .map_err(QueueError::storage("generating a sequence number"))?;
+            .map_err(self.failure("generating a sequence number"))?;
         let seq = id.max(state.last_seq + 1);
         state.last_seq = seq;
         Ok(seq)
@@ -290,11 +388,16 @@ impl DurableQueue {
     /// The globally oldest readings (lowest seq across all channels) whose
     /// encoded size adds up to at least `need` bytes: a k-way merge over the
     /// channels' prefix scans, so only the heads are read.
-    fn oldest_victims(&self, counts: &Counts, need: u64) -> Result<Vec<Victim>, sled::Error> {
+    fn oldest_victims(
+        &self,
+        store: &Store,
+        counts: &Counts,
+        need: u64,
+    ) -> Result<Vec<Victim>, sled::Error> {
         let mut iters: Vec<sled::Iter> = counts
             .channels()
             .into_iter()
-            .map(|ch| self.inner.readings.scan_prefix(channel_prefix(ch)))
+            .map(|ch| store.readings.scan_prefix(channel_prefix(ch)))
             .collect();
         let mut heap = BinaryHeap::new();
         for (i, it) in iters.iter_mut().enumerate() {
@@ -326,10 +429,11 @@ impl DurableQueue {
     /// Removes entries that failed to decode, counting and logging each.
     fn drop_corrupt(&self, entries: Vec<(sled::IVec, String)>) {
         let mut state = self.lock();
+        let Ok(store) = self.store() else { return };
         let mut batch = sled::Batch::default();
         let mut removed = Vec::new();
         for (raw_key, reason) in entries {
-            match self.inner.readings.get(&raw_key) {
+            match store.readings.get(&raw_key) {
                 Ok(Some(v)) => {
                     let key = decode_key(&raw_key).ok();
                     error!(
@@ -348,7 +452,8 @@ impl DurableQueue {
         if removed.is_empty() {
             return;
         }
-        if let Err(e) = self.inner.readings.apply_batch(batch) {
+        if let Err(e) = store.readings.apply_batch(batch) {
+            self.inner.failed.store(true, Ordering::Release);
             error!(error = %e, "removing corrupt queue entries failed");
             return;
         }
@@ -368,12 +473,13 @@ impl DurableQueue {
 
     fn peek_inner(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, QueueError> {
         let mut out = Vec::with_capacity(max.min(1024));
+        let store = self.store()?;
         let mut corrupt = Vec::new();
-        for item in self.inner.readings.scan_prefix(channel_prefix(channel)) {
+        for item in store.readings.scan_prefix(channel_prefix(channel)) {
             if out.len() >= max {
                 break;
             }
-            let (k, v) = item.map_err(QueueError::storage("peek"))?;
+            let (k, v) = item.map_err(self.failure("peek"))?;
             let decoded = decode_key(&k).and_then(|key| {
                 decode_value(key.channel, &v).map(|reading| Queued { key, reading })
             });
@@ -393,27 +499,31 @@ impl DurableQueue {
             return Ok(());
         }
         let mut state = self.lock();
+        let store = self.store()?;
         let mut batch = sled::Batch::default();
         let mut removed = Vec::new();
+        let mut last = None;
         for key in keys {
             let raw = encode_key(*key);
-            if let Some(v) = self
-                .inner
-                .readings
-                .get(raw)
-                .map_err(QueueError::storage("remove"))?
-            {
+            if let Some(v) = store.readings.get(raw).map_err(self.failure("remove"))? {
                 removed.push((key.channel, (KEY_LEN + v.len()) as u64));
                 batch.remove(&raw[..]);
+                last = Some(raw);
             }
         }
-        if removed.is_empty() {
-            return Ok(());
+        match (removed.len(), last) {
+            (0, _) | (_, None) => return Ok(()),
+            // One key: a plain remove, far cheaper in sled than a batch (see `write`).
+            (1, Some(raw)) => {
+                store.readings.remove(raw).map_err(self.failure("remove"))?;
+            }
+            // Several (one delivered entry): atomically, so a crash never
+            // leaves half an entry to be sent again.
+            _ => store
+                .readings
+                .apply_batch(batch)
+                .map_err(self.failure("remove"))?,
         }
-        self.inner
-            .readings
-            .apply_batch(batch)
-            .map_err(QueueError::storage("remove"))?;
         self.inner.dirty.store(true, Ordering::Release);
         for (channel, bytes) in removed {
             state.counts.sub(channel, bytes);
@@ -447,11 +557,11 @@ fn head(iter: usize, raw_key: sled::IVec, value_len: usize) -> Head {
     }
 }
 
-impl Drop for Inner {
+impl Drop for Store {
     /// Last line of defence for a clean shutdown that skipped the flusher.
     fn drop(&mut self) {
         if let Err(e) = self.db.flush() {
-            error!(error = %e, dir = %self.config.dir.display(), "final queue flush failed");
+            error!(error = %e, "final queue flush failed");
         }
     }
 }
@@ -611,7 +721,11 @@ mod tests {
             seq: q.lock().last_seq + 1,
         });
         // Simulate a damaged value between two good ones, counted like a real entry.
-        q.inner.readings.insert(bad_key, &[7u8, 1, 2][..]).unwrap();
+        q.store()
+            .unwrap()
+            .readings
+            .insert(bad_key, &[7u8, 1, 2][..])
+            .unwrap();
         q.lock().counts.add(ch(1), (KEY_LEN + 3) as u64);
         q.lock().last_seq += 1;
         q.push(&[reading(1, 2.0)]).unwrap();
@@ -626,7 +740,7 @@ mod tests {
             1
         );
         assert_eq!(q.len(), 2);
-        assert_eq!(q.inner.readings.get(bad_key).unwrap(), None);
+        assert_eq!(q.store().unwrap().readings.get(bad_key).unwrap(), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A disk that refuses writes (full, or a file-size limit) makes `push` or
-//! `flush` return an error; nothing panics, and the store stays openable.
+//! `flush` return an error; nothing panics; once writes work again the
+//! flusher reopens the store and the queue resumes without a restart.
 //!
 //! The child (this binary re-executed) limits its own file size with
 //! RLIMIT_FSIZE, the same EFBIG/ENOSPC-style write failure a full SD card
@@ -12,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{open, reading};
+use tokio_util::sync::CancellationToken;
 use tsgw_core::ReadingStore;
 
 const ENV_DIR: &str = "TSGW_QUEUE_DISKFULL_DIR";
@@ -51,22 +53,57 @@ fn disk_full_child() {
         };
         println!("WRITE ERROR after {n}: {err}");
         // The queue keeps answering (with errors or data), without panicking.
-        let again = queue.push(&[reading(3, "later", 0)]);
-        println!("PUSH AFTER ERROR: {again:?}");
-        let _ = tokio::time::timeout(Duration::from_secs(5), queue.flush()).await;
+        // sled stays failed: pushes keep failing while the disk is full.
+        assert!(queue.push(&[reading(3, "later", 0)]).is_err());
+
+        // The disk is cleaned up; the flusher reopens the store.
+        let flusher = queue.spawn_flusher(CancellationToken::new());
+        unlimit_file_size();
+        let recovered = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if queue.push(&[reading(3, "later", 0)]).is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            recovered.is_ok(),
+            "queue did not recover after the disk had room again"
+        );
+        queue.flush().await.unwrap();
+        flusher.abort();
+        println!("RECOVERED");
         println!("CHILD DONE");
     });
 }
 
+/// Lowers the soft limit only, so that it can be raised again.
 fn limit_file_size(bytes: u64) {
     // SAFETY: plain libc calls on this process; writes past the limit then
     // fail with EFBIG instead of killing the process with SIGXFSZ.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        let limit = libc::rlimit {
-            rlim_cur: bytes as libc::rlim_t,
-            rlim_max: bytes as libc::rlim_t,
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+        limit.rlim_cur = bytes as libc::rlim_t;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+}
+
+fn unlimit_file_size() {
+    // SAFETY: as above; raising the soft limit back to the hard one.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
     }
 }
@@ -100,6 +137,7 @@ fn write_failures_are_errors_not_panics() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("child stdout:\n{stdout}\nchild stderr:\n{stderr}");
     assert!(stdout.contains("WRITE ERROR"), "no write error surfaced");
+    assert!(stdout.contains("RECOVERED"), "queue did not recover");
     assert!(
         stdout.contains("CHILD DONE"),
         "child did not finish cleanly"
@@ -117,4 +155,6 @@ fn write_failures_are_errors_not_panics() {
         .filter(|q| q.reading.origin.device == "before")
         .count();
     assert_eq!(before, 100);
+    // The push made after recovery was flushed too.
+    assert_eq!(queue.peek(common::ch(3), 10).unwrap().len(), 1);
 }
