@@ -69,7 +69,9 @@ pub struct UpstreamConfig {
     /// A PEM file of CA certificates trusted in addition to the system roots.
     pub ca_file: Option<PathBuf>,
     /// The MQTT device's client id, username and password (from the ThingSpeak UI).
+    #[serde(deserialize_with = "string_or_number")]
     pub client_id: String,
+    #[serde(deserialize_with = "string_or_number")]
     pub username: String,
     pub password: Secret,
     pub keep_alive_secs: u64,
@@ -99,6 +101,23 @@ impl Default for UpstreamConfig {
             channels: BTreeMap::new(),
         }
     }
+}
+
+/// Accepts a number where a string is expected: figment parses environment
+/// values, so an all-digit id from `TSGW_UPSTREAM__USERNAME` arrives as an integer.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Int(i64),
+        UInt(u64),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::Text(s) => s,
+        Raw::Int(n) => n.to_string(),
+        Raw::UInt(n) => n.to_string(),
+    })
 }
 
 /// Longest keep-alive MQTT 3.1.1 can express.
@@ -253,6 +272,14 @@ mod tests {
             overrides[&ChannelId::new(1234).unwrap()],
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn numeric_ids_are_accepted_as_text() {
+        let c: UpstreamConfig =
+            toml::from_str("client_id = 123\nusername = 456\npassword = 789").unwrap();
+        assert_eq!((c.client_id.as_str(), c.username.as_str()), ("123", "456"));
+        assert_eq!(c.password.expose(), "789");
     }
 
     #[test]
