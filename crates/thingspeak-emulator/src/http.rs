@@ -429,3 +429,48 @@ async fn drop_publishes(State(core): State<Arc<Core>>, body: Bytes) -> Response 
     info!(count = ?b.count, probability = ?b.probability, "dropping publishes (fault injection)");
     Json(core.faults.status()).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn query_and_form_body_are_joined() {
+        let uri: Uri = "/update.json?api_key=K".parse().unwrap();
+        let form = request_form(&uri, &HeaderMap::new(), b"field1=1").unwrap();
+        assert_eq!(form, "api_key=K&field1=1");
+    }
+
+    #[test]
+    fn json_body_becomes_form_parameters() {
+        let uri: Uri = "/update.json".parse().unwrap();
+        let h = headers(&[("content-type", "application/json; charset=utf-8")]);
+        let form =
+            request_form(&uri, &h, br#"{"api_key":"K","field2":2.5,"status":null}"#).unwrap();
+        let req = UpdateRequest::parse_form(form.as_bytes()).unwrap();
+        assert_eq!(req.api_key.expose(), "K");
+        assert_eq!(req.update.get("field2".parse().unwrap()), Some("2.5"));
+        let err = request_form(&uri, &h, br#"{"field1":[1]}"#).unwrap_err();
+        assert!(err.contains("field1"), "{err}");
+        assert!(request_form(&uri, &h, b"[1]").is_err());
+    }
+
+    #[test]
+    fn the_api_key_header_is_used_when_no_parameter_gives_one() {
+        let uri: Uri = "/update".parse().unwrap();
+        let h = headers(&[("x-thingspeakapikey", "HDR")]);
+        let form = request_form(&uri, &h, b"field1=1").unwrap();
+        assert_eq!(form, "field1=1&api_key=HDR");
+        let form = request_form(&uri, &h, b"api_key=BODY&field1=1").unwrap();
+        assert_eq!(form, "api_key=BODY&field1=1");
+    }
+}

@@ -431,3 +431,29 @@ async fn a_client_that_never_sends_connect_is_closed_after_the_handshake_timeout
     let c = emu.counters();
     assert_eq!((c.handshake_failures, c.refusals, c.sessions), (1, 0, 0));
 }
+
+#[tokio::test]
+async fn legacy_account_key_login_and_public_channel_subscription() {
+    let emu = start(
+        base()
+            .mqtt_api_key("ACCOUNTKEY")
+            .channel(ChannelSpec::new(ch(500), "WKEY500", "unused").public()),
+    )
+    .await;
+    let mut o = options(&emu, Tr::Tcp, "any-unique-name");
+    o.set_credentials("whoever", "ACCOUNTKEY");
+    let mut sub = connect(o).await;
+    // Public channel: no read key needed. Private channel 200 without its key: refused.
+    sub.subscribe("channels/500/subscribe/json").await;
+    sub.subscribe("channels/200/subscribe/json").await;
+    emu.wait_for_counters(T, |c| c.subscriptions == 1 && c.subscriptions_refused == 1)
+        .await
+        .unwrap();
+    let mut u = thingspeak::ChannelUpdate::new();
+    u.set("field1".parse().unwrap(), "9");
+    emu.write(ch(500), &u).unwrap();
+    emu.write(ch(200), &u).unwrap();
+    let p = sub.next_publish(T).await;
+    assert_eq!(p.topic, "channels/500/subscribe/json");
+    sub.expect_quiet(Duration::from_millis(200)).await;
+}
