@@ -385,3 +385,59 @@ async fn config_errors_fail_startup_and_name_the_culprit() {
         "{msg}"
     );
 }
+
+/// A peer that answers every read with one register too few (a valid frame with
+/// the request's transaction id), or with bytes that are not Modbus at all.
+async fn broken_peer(garbage: bool) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = [0u8; 12];
+                while conn.read_exact(&mut request).await.is_ok() {
+                    let answer: Vec<u8> = if garbage {
+                        // A frame-shaped answer whose protocol id is not Modbus.
+                        vec![0x12, 0x34, 0xAB, 0xCD, 0, 3, 1, 0x83, 0x99]
+                    } else {
+                        // MBAP: transaction id, protocol 0, length 5, unit; PDU: fc 3, 2 bytes, 0x0007
+                        vec![request[0], request[1], 0, 0, 0, 5, request[6], 3, 2, 0, 7]
+                    };
+                    if conn.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_answers_are_counted_and_never_crash_the_poller() {
+    for garbage in [false, true] {
+        let (addr, peer) = broken_peer(garbage).await;
+        let mut dev = counter_device(addr);
+        dev.points[0].data_type = tsgw_modbus::DataType::F32;
+        let metrics = Metrics::new();
+        let (tx, mut rx) = mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        let tasks = spawn_devices(&[dev], tx, metrics.clone(), shutdown.clone()).unwrap();
+        wait_for(LIMIT, "decode errors", || {
+            errors(&metrics, "plc", "decode") >= 2
+        })
+        .await;
+        assert!(rx.try_recv().is_err(), "no reading from a malformed answer");
+        assert_eq!(up(&metrics, "plc"), 0, "garbage={garbage}");
+        shutdown.cancel();
+        for t in tasks {
+            // Ok(()) rather than a JoinError: the task did not panic.
+            tokio::time::timeout(LIMIT, t).await.unwrap().unwrap();
+        }
+        peer.abort();
+    }
+}
