@@ -457,3 +457,36 @@ async fn legacy_account_key_login_and_public_channel_subscription() {
     assert_eq!(p.topic, "channels/500/subscribe/json");
     sub.expect_quiet(Duration::from_millis(200)).await;
 }
+
+/// Sends raw bytes as the first packet and returns what the emulator answers
+/// before closing (empty if it closes without a word).
+async fn raw_first_packet(emu: &thingspeak_emulator::EmulatorHandle, packet: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(emu.tcp_addr().unwrap())
+        .await
+        .unwrap();
+    s.write_all(packet).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut answer))
+        .await
+        .expect("emulator kept the connection open")
+        .ok();
+    answer
+}
+
+#[tokio::test]
+async fn will_flags_and_foreign_protocol_levels_get_connack_5() {
+    let emu = emulator().await;
+    // CONNECT "MQTT" level 4, flags: clean session + Will retain without the Will flag.
+    let will_retain = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x22, 0, 60, 0, 0];
+    assert_eq!(raw_first_packet(&emu, &will_retain).await, [0x20, 2, 0, 5]);
+    // A mosquitto bridge's private protocol level 0x84.
+    let bridge = [
+        0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 0x84, 0x02, 0, 60, 0, 0,
+    ];
+    assert_eq!(raw_first_packet(&emu, &bridge).await, [0x20, 2, 0, 5]);
+    // Not starting with CONNECT: closed without an answer.
+    assert!(raw_first_packet(&emu, &[0xC0, 0]).await.is_empty());
+    let c = emu.counters();
+    assert_eq!((c.refusals, c.closed_invalid, c.sessions), (2, 1, 0));
+}

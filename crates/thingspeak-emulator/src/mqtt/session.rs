@@ -148,6 +148,8 @@ async fn read_connect(
     buf: &mut BytesMut,
 ) -> Result<Connect, ConnectFailure> {
     loop {
+        // Peeked before parsing: a failed parse has already consumed the packet.
+        let will_bits_only = will_flags_without_will(buf);
         match Packet::read(buf, MAX_PACKET) {
             Ok(Packet::Connect(c)) => return Ok(c),
             Ok(other) => {
@@ -165,7 +167,7 @@ async fn read_connect(
                     .unwrap_or_else(|| format!("protocol level {level}"));
                 return Err(ConnectFailure::Refuse(ConnectReturnCode::NotAuthorized, v));
             }
-            Err(CodecError::IncorrectPacketFormat) if will_flags_without_will(buf) => {
+            Err(CodecError::IncorrectPacketFormat) if will_bits_only => {
                 return Err(ConnectFailure::Refuse(
                     ConnectReturnCode::NotAuthorized,
                     "Will retain/QoS flags set (a Will is not allowed)".into(),
