@@ -64,8 +64,9 @@ async fn idle_flusher_does_not_touch_the_disk() {
     let flusher = queue.spawn_flusher(shutdown.clone());
     let batch: Vec<_> = (0..100).map(|n| reading(1, "d", n)).collect();
     queue.push(&batch).unwrap();
-    // Several 50 ms intervals: the push gets flushed, then nothing is dirty.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    queue.flush().await.unwrap();
+    // Several 50 ms intervals pass with nothing dirty.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let before = snapshot(&dir);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(snapshot(&dir), before, "an idle queue wrote to disk");
