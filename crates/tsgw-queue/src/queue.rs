@@ -805,4 +805,31 @@ mod tests {
         let again = q.peek(ch(1), 1).unwrap()[0].key.seq;
         assert!(again > first_seq, "{again} <= {first_seq}");
     }
+
+    #[test]
+    fn corrupt_value_found_at_open_is_dropped_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            q.push(&[reading(1, 1.0), reading(1, 2.0)]).unwrap();
+            let first = q.peek(ch(1), 1).unwrap()[0].key;
+            // Damage the first value on disk (an unknown format version).
+            q.store()
+                .unwrap()
+                .readings
+                .insert(encode_key(first), &[200u8, 0, 0][..])
+                .unwrap();
+        }
+        let (q, metrics) = open(tmp.path(), 1 << 20);
+        assert_eq!(
+            metrics
+                .queue_dropped_total
+                .with_label_values(&["corrupt"])
+                .get(),
+            1
+        );
+        assert_eq!(q.len(), 1);
+        assert_eq!(metrics.queue_readings.get(), 1);
+        assert_eq!(values(&q, 1), vec![2.0]);
+    }
 }
