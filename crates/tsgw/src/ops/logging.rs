@@ -1,5 +1,7 @@
 //! Logs go to stderr, where journald picks them up.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -10,8 +12,10 @@ pub fn init(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal: journald would store the escape codes verbatim.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // try_init: a second call (tests, `demo` starting a gateway) keeps the first.
     let _ = match format {

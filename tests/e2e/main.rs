@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `tsgw` binary between rumqttc devices and the
+//! ThingSpeak emulator over TLS, all on loopback.
+
+mod common;
+
+mod config_errors;
+mod delivery;
+mod durability;
+mod operations;
