@@ -5,9 +5,10 @@
 //! allows ([`plan::plan_reads`]), decoded ([`decode`]) and sent as
 //! [`Reading`](tsgw_core::Reading)s.
 //!
-//! Devices on the same serial path share one bus task: requests are
-//! serialised, and a dead unit is backed off so that it cannot starve the
-//! others. Each TCP device has its own connection and task. Device failures
+//! Devices on the same serial path (or TCP address) share one bus task:
+//! requests are serialised, and a dead unit is backed off so that it cannot
+//! starve the others. Devices on different transports never wait for each
+//! other. Device failures
 //! (timeouts, exceptions, broken connections) are counted in
 //! `tsgw_device_errors_total{source="modbus"}` and never stop other devices;
 //! only config errors stop [`spawn_devices`].
@@ -37,7 +38,7 @@ use bus::{Bus, Unit};
 use link::Endpoint;
 
 /// Validates every device and starts one task per bus (per serial path, per TCP
-/// device). No I/O happens here: a device that is down at startup is retried by
+/// address). No I/O happens here: a device that is down at startup is retried by
 /// its task. Must be called inside a tokio runtime. The tasks end when
 /// `shutdown` is cancelled or `readings` is closed.
 pub fn spawn_devices(
@@ -57,13 +58,14 @@ pub fn spawn_devices(
         .collect())
 }
 
-/// Validates the devices and groups them by the bus they are polled over.
+/// Validates the devices and groups them by the bus they are polled over: one
+/// per serial path, one per TCP address (units behind one Modbus TCP gateway share
+/// its connection, as most gateways serve one request at a time anyway).
 fn group_into_buses(
     devices: &[ModbusDeviceConfig],
 ) -> Result<Vec<(Endpoint, Vec<&ModbusDeviceConfig>)>, ModbusError> {
     let mut names = HashSet::new();
-    let mut serial: BTreeMap<&str, (Endpoint, Vec<&ModbusDeviceConfig>)> = BTreeMap::new();
-    let mut buses = Vec::new();
+    let mut buses: BTreeMap<(u8, &str), (Endpoint, Vec<&ModbusDeviceConfig>)> = BTreeMap::new();
     for device in devices {
         device.validate()?;
         if !names.insert(device.name.as_str()) {
@@ -72,35 +74,35 @@ fn group_into_buses(
                 message: "another modbus device has the same name".to_owned(),
             });
         }
-        match &device.transport {
-            ModbusTransport::Tcp(tcp) => buses.push((
+        let (key, endpoint) = match &device.transport {
+            ModbusTransport::Tcp(tcp) => (
+                (0, tcp.address.as_str()),
                 Endpoint::Tcp {
                     address: tcp.address.clone(),
                 },
-                vec![device],
-            )),
-            ModbusTransport::Rtu(rtu) => match serial.get_mut(rtu.path.as_str()) {
-                Some((Endpoint::Rtu(first), members)) => {
-                    if first != rtu {
-                        return Err(ModbusError::Device {
-                            device: device.name.clone(),
-                            message: format!(
-                                "shares serial path {:?} with device {:?} but its transport.rtu \
-                                 settings differ; devices on one bus must use the same settings",
-                                rtu.path, members[0].name
-                            ),
-                        });
-                    }
-                    members.push(device);
+            ),
+            ModbusTransport::Rtu(rtu) => ((1, rtu.path.as_str()), Endpoint::Rtu(rtu.clone())),
+        };
+        match buses.get_mut(&key) {
+            Some((first, members)) => {
+                if *first != endpoint {
+                    return Err(ModbusError::Device {
+                        device: device.name.clone(),
+                        message: format!(
+                            "shares serial path {:?} with device {:?} but its transport.rtu \
+                             settings differ; devices on one bus must use the same settings",
+                            key.1, members[0].name
+                        ),
+                    });
                 }
-                _ => {
-                    serial.insert(&rtu.path, (Endpoint::Rtu(rtu.clone()), vec![device]));
-                }
-            },
+                members.push(device);
+            }
+            None => {
+                buses.insert(key, (endpoint, vec![device]));
+            }
         }
     }
-    buses.extend(serial.into_values());
-    Ok(buses)
+    Ok(buses.into_values().collect())
 }
 
 #[cfg(test)]
@@ -127,6 +129,8 @@ mod tests {
             device("plc", r#"transport.tcp.address = "10.0.0.1:502""#),
             device("m2", r#"transport.rtu.path = "/dev/ttyA""#),
             device("m3", r#"transport.rtu.path = "/dev/ttyB""#),
+            device("gw-unit-2", r#"transport.tcp.address = "10.0.0.2:502""#),
+            device("gw-unit-3", r#"transport.tcp.address = "10.0.0.2:502""#),
         ];
         let buses = group_into_buses(&devices).unwrap();
         let shape: Vec<(String, Vec<&str>)> = buses
@@ -142,6 +146,7 @@ mod tests {
             shape,
             vec![
                 ("10.0.0.1:502".to_owned(), vec!["plc"]),
+                ("10.0.0.2:502".to_owned(), vec!["gw-unit-2", "gw-unit-3"]),
                 ("/dev/ttyA".to_owned(), vec!["m1", "m2"]),
                 ("/dev/ttyB".to_owned(), vec!["m3"]),
             ]
