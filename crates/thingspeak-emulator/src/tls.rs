@@ -138,6 +138,37 @@ mod tests {
     }
 
     #[test]
+    fn pem_files_are_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let tls = build(&CertSource::Files {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        })
+        .unwrap();
+        assert!(tls.ca_pem.is_none());
+        // A key file without a key is named in the error.
+        let err = build(&CertSource::Files {
+            cert: cert_path.clone(),
+            key: cert_path.clone(),
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("c.pem") && err.contains("PRIVATE KEY"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn missing_files_name_the_path() {
         let err = build(&CertSource::Files {
             cert: "/nonexistent/cert.pem".into(),

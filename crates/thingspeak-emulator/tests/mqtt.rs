@@ -490,3 +490,44 @@ async fn will_flags_and_foreign_protocol_levels_get_connack_5() {
     let c = emu.counters();
     assert_eq!((c.refusals, c.closed_invalid, c.sessions), (2, 1, 0));
 }
+
+#[tokio::test]
+async fn concurrent_publishers_get_unique_ids_and_subscribers_see_every_entry_in_order() {
+    let emu = emulator().await;
+    let mut sub = connect(device(&emu, Tr::Tcp, DEV1)).await;
+    sub.subscribe("channels/200/subscribe/json/RKEY200").await;
+    emu.wait_for_counters(T, |c| c.subscriptions == 1)
+        .await
+        .unwrap();
+    let mut publishers = Vec::new();
+    for i in 0..8 {
+        let tr = ALL[i % 4];
+        publishers.push(tokio::spawn({
+            let opts = options(&emu, tr, &format!("p{i}"));
+            async move {
+                let conn = connect(opts).await;
+                for j in 0..3 {
+                    conn.publish(
+                        "channels/200/publish/WKEY200",
+                        &format!("field1={i}&field2={j}"),
+                    )
+                    .await;
+                }
+                // Keep the connection until the emulator has everything.
+                conn
+            }
+        }));
+    }
+    let mut conns = Vec::new();
+    for p in publishers {
+        conns.push(p.await.unwrap());
+    }
+    let entries = emu.wait_for_entries(ch(200), 24, T).await.unwrap();
+    let ids: Vec<u64> = entries.iter().map(|e| e.entry_id()).collect();
+    assert_eq!(ids, (1..=24).collect::<Vec<_>>());
+    for want in 1..=24u64 {
+        let p = sub.next_publish(T).await;
+        let j: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(j["entry_id"].as_u64(), Some(want));
+    }
+}
