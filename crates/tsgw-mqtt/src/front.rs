@@ -61,8 +61,8 @@ impl Front {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 warn!(listener = self.name, %peer, "connection refused: mqtt.max_connections reached");
                 metrics
-                    .parse_errors_total
-                    .with_label_values(&["mqtt", "broker", "max_connections"])
+                    .device_errors_total
+                    .with_label_values(&["mqtt", self.name, "max_connections"])
                     .inc();
                 continue;
             };
@@ -75,14 +75,34 @@ impl Front {
                 metrics.broker_connections.inc();
                 let result = serve(stream, handshake, backend, shutdown).await;
                 metrics.broker_connections.dec();
+                if let Err(Dropped::Handshake(_)) = &result {
+                    metrics
+                        .device_errors_total
+                        .with_label_values(&["mqtt", name, "tls_handshake"])
+                        .inc();
+                }
                 drop(permit);
                 match result {
                     Ok(()) => debug!(listener = name, %peer, "device connection closed"),
                     Err(reason) => {
-                        info!(listener = name, %peer, %reason, "device connection dropped")
+                        info!(listener = name, %peer, reason = %reason.message(), "device connection dropped")
                     }
                 }
             });
+        }
+    }
+}
+
+/// Why a device connection ended early.
+enum Dropped {
+    Handshake(String),
+    Io(String),
+}
+
+impl Dropped {
+    fn message(&self) -> &str {
+        match self {
+            Dropped::Handshake(m) | Dropped::Io(m) => m,
         }
     }
 }
@@ -92,16 +112,18 @@ async fn serve(
     handshake: Handshake,
     backend: SocketAddr,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Dropped> {
     let _ = stream.set_nodelay(true);
     match handshake {
-        Handshake::None => splice(stream, backend, shutdown).await,
+        Handshake::None => splice(stream, backend, shutdown).await.map_err(Dropped::Io),
         Handshake::Tls { acceptor, timeout } => {
             let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
                 .await
-                .map_err(|_| format!("TLS handshake not finished within {timeout:?}"))?
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
-            splice(tls, backend, shutdown).await
+                .map_err(|_| {
+                    Dropped::Handshake(format!("TLS handshake not finished within {timeout:?}"))
+                })?
+                .map_err(|e| Dropped::Handshake(format!("TLS handshake failed: {e}")))?;
+            splice(tls, backend, shutdown).await.map_err(Dropped::Io)
         }
     }
 }

@@ -159,7 +159,19 @@ async fn tls_listener_serves_devices_and_a_silent_client_stalls_nobody() {
     .await
     .expect("silent client closed in time");
     assert!(matches!(closed, Ok(0) | Err(_)));
-    drop(metrics);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metrics
+        .device_errors_total
+        .with_label_values(&["mqtt", "mqtts", "tls_handshake"])
+        .get()
+        != 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handshake failure not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
