@@ -185,14 +185,16 @@ pub(crate) fn validate(channels: &[ChannelSpec], devices: &[DeviceSpec]) -> Resu
         if !seen.insert(c.id) {
             return Err(format!("channel {} is defined twice", c.id));
         }
-        if c.write_key.is_empty() {
-            return Err(format!("channel {}: write_key is empty", c.id));
-        }
-        if c.read_key.as_deref() == Some("") {
-            return Err(format!(
-                "channel {}: read_key is empty (omit it for a public channel)",
-                c.id
-            ));
+        // Keys travel in topics and forms: they must be what ThingSpeak issues.
+        thingspeak::WriteKey::new(c.write_key.as_str())
+            .map_err(|e| format!("channel {}: write_key: {e}", c.id))?;
+        if let Some(read_key) = &c.read_key {
+            thingspeak::ReadKey::new(read_key.as_str()).map_err(|e| {
+                format!(
+                    "channel {}: read_key: {e} (omit it for a public channel)",
+                    c.id
+                )
+            })?;
         }
     }
     let mut client_ids = std::collections::BTreeSet::new();
@@ -267,6 +269,14 @@ channels = [1001, 1002]
     }
 
     #[test]
+    fn example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("channels.example.toml");
+        let f = ChannelsFile::load(&path).unwrap();
+        assert_eq!((f.channels.len(), f.devices.len()), (2, 1));
+        assert_eq!(f.channels[1].read_key, None);
+    }
+
+    #[test]
     fn errors_name_the_offender() {
         let unknown = SAMPLE.replace("channels = [1001, 1002]", "channels = [1001, 1003]");
         let err = ChannelsFile::from_toml(&unknown).unwrap_err();
@@ -276,6 +286,10 @@ channels = [1001, 1002]
         assert!(ChannelsFile::from_toml(&twice)
             .unwrap_err()
             .contains("1001"));
+
+        let bad_key = SAMPLE.replace("write_key = \"W2\"", "write_key = \"W-2\"");
+        let err = ChannelsFile::from_toml(&bad_key).unwrap_err();
+        assert!(err.contains("1002") && err.contains("write_key"), "{err}");
 
         let typo = SAMPLE.replace("write_key = \"W2\"", "writekey = \"W2\"");
         assert!(ChannelsFile::from_toml(&typo)
