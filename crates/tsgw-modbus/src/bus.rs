@@ -21,7 +21,7 @@ use tsgw_core::{ChannelId, Metrics, Origin, Reading, SourceKind, Value};
 
 use crate::config::{ModbusDeviceConfig, PointConfig};
 use crate::decode::{decode_point, BlockData, DecodeError};
-use crate::link::{Endpoint, Failure, Outcome};
+use crate::link::{unit_unreachable, Endpoint, Failure, Outcome};
 use crate::plan::{plan_reads, ReadBlock};
 
 /// Longest pause between probes of a unit that does not answer (unless its
@@ -174,6 +174,17 @@ impl Bus {
             if let Some(flag) = self.units[index].block_failing.get_mut(b) {
                 *flag = matches!(outcome, Outcome::Exception(_));
             }
+            let outcome = match outcome {
+                // A gateway saying its target is unreachable is the unit not answering.
+                Outcome::Exception(code) if unit_unreachable(code) => {
+                    self.count_error(&name, "exception");
+                    Outcome::Failed(
+                        Failure::Unreachable,
+                        format!("gateway reports exception {code:?}"),
+                    )
+                }
+                other => other,
+            };
             if !answered && matches!(outcome, Outcome::Data(_) | Outcome::Exception(_)) {
                 // Up as soon as it answers, before its readings go out.
                 self.metrics

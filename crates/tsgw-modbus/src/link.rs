@@ -31,6 +31,9 @@ pub(crate) enum Failure {
     Io,
     /// The answer was not a valid answer to our request.
     Decode,
+    /// A gateway answered that the unit behind it does not respond (counted as an
+    /// exception, handled like a timeout).
+    Unreachable,
 }
 
 impl Failure {
@@ -40,6 +43,7 @@ impl Failure {
             Failure::Disconnect => "disconnect",
             Failure::Io => "io",
             Failure::Decode => "decode",
+            Failure::Unreachable => "exception",
         }
     }
 }
@@ -50,6 +54,14 @@ pub(crate) enum Outcome {
     Data(BlockData),
     Exception(ExceptionCode),
     Failed(Failure, String),
+}
+
+/// Exceptions by which a Modbus TCP gateway says the unit behind it is gone.
+pub(crate) fn unit_unreachable(code: ExceptionCode) -> bool {
+    matches!(
+        code,
+        ExceptionCode::GatewayPathUnavailable | ExceptionCode::GatewayTargetDevice
+    )
 }
 
 impl Endpoint {

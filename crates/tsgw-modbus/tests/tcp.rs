@@ -445,3 +445,41 @@ async fn malformed_answers_are_counted_and_never_crash_the_poller() {
         peer.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_a_gateway_cannot_reach_is_down_and_backed_off() {
+    let sim = Sim::new();
+    sim.set_holding(1, 0, &[1]);
+    // The gateway's unit 2 is unreachable.
+    sim.set_exception(2, tokio_modbus::ExceptionCode::GatewayTargetDevice);
+    let server = TcpSim::start(sim.clone(), any_port()).await;
+    let healthy = counter_device(server.addr);
+    let mut gone = counter_device(server.addr);
+    gone.name = "behind-gateway".into();
+    gone.unit_id = 2;
+    let metrics = Metrics::new();
+    let (tx, mut rx) = mpsc::channel(64);
+    let shutdown = CancellationToken::new();
+    let tasks = spawn_devices(&[healthy, gone], tx, metrics.clone(), shutdown.clone()).unwrap();
+
+    // 50 ms interval for ~1 s: ~20 polls of the healthy unit, but the unreachable one
+    // backs off (100, 200, 400, 800 ms) instead of being asked every 50 ms.
+    let got = collect_until(&mut rx, LIMIT, |r| values_of(r, "plc").len() >= 15).await;
+    assert!(values_of(&got, "behind-gateway").is_empty());
+    let exceptions = errors(&metrics, "behind-gateway", "exception");
+    assert!((1..=6).contains(&exceptions), "{exceptions} exceptions");
+    // (one request may be in flight while we look)
+    let asked = sim.requests(2) as u64;
+    assert!(
+        asked == exceptions || asked == exceptions + 1,
+        "{asked} vs {exceptions}"
+    );
+    assert_eq!(up(&metrics, "behind-gateway"), 0);
+    assert_eq!(up(&metrics, "plc"), 1);
+
+    shutdown.cancel();
+    for t in tasks {
+        tokio::time::timeout(LIMIT, t).await.unwrap().unwrap();
+    }
+    server.stop().await;
+}

@@ -28,6 +28,7 @@ struct State {
     discrete: HashMap<(u8, u16), bool>,
     silent: HashSet<u8>,
     delays: HashMap<u8, Duration>,
+    exceptions: HashMap<u8, ExceptionCode>,
     requests: HashMap<u8, usize>,
     /// Arrival time and unit of every request, in order.
     log: Vec<(tokio::time::Instant, u8)>,
@@ -85,6 +86,11 @@ impl Sim {
         self.state().delays.insert(unit, delay);
     }
 
+    /// The unit answers every request with `code`.
+    pub fn set_exception(&self, unit: u8, code: ExceptionCode) {
+        self.state().exceptions.insert(unit, code);
+    }
+
     /// Every request so far: when it arrived and for which unit.
     pub fn request_log(&self) -> Vec<(tokio::time::Instant, u8)> {
         self.state().log.clone()
@@ -138,6 +144,9 @@ impl Sim {
         st.log.push((tokio::time::Instant::now(), unit));
         if st.silent.contains(&unit) {
             return Ok(None);
+        }
+        if let Some(code) = st.exceptions.get(&unit) {
+            return Err(*code);
         }
         let result = match req.request {
             Request::ReadHoldingRegisters(a, n) => {
