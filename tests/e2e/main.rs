@@ -5,5 +5,6 @@ mod common;
 
 mod config_errors;
 mod delivery;
+mod devices;
 mod durability;
 mod operations;
