@@ -1,0 +1,95 @@
+//! `tsgw-bench e2e-latency`: one device publishes a unique value, spaced wider
+//! than the rate limit (so nothing merges or waits for a window), and the
+//! bench polls the in-process emulator every millisecond until the entry is
+//! there. Latency = entry visible − publish call.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use rumqttc::QoS;
+
+use crate::harness::{self, channel, emulator, gateway_config, Device, Gateway, WAIT};
+use crate::stats::{ms, percentile, Table};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LatencyArgs {
+    /// Readings sent, one at a time.
+    #[arg(long, default_value_t = 100)]
+    pub samples: u32,
+    /// Rate limit of the emulator and the gateway, seconds (gateway minimum 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    pub interval: f64,
+    /// Pause between readings, ms (keep it above the interval).
+    #[arg(long, default_value_t = 250)]
+    pub gap_ms: u64,
+}
+
+pub async fn run(args: LatencyArgs, binary: PathBuf) -> Result<String> {
+    let emu = emulator(Duration::from_secs_f64(args.interval)).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        gateway_config(&emu, &dir.path().join("queue"), args.interval, 1000, "")?,
+    )?;
+    let gateway = Gateway::start(&binary, &config)?;
+    let device = Device::connect(gateway.mqtt, "latency-device", 10).await?;
+    // Let the forwarder connect before the first sample.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let ch = channel(1001);
+    let mut by_qos = Vec::new();
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let mut latencies = Vec::new();
+        for i in 0..args.samples {
+            let value = format!("{}{}", qos as u8, 100_000 + i);
+            let sent = Instant::now();
+            device
+                .publish(
+                    "channels/1001/publish/fields/field1",
+                    qos,
+                    value.clone().into_bytes(),
+                )
+                .await?;
+            loop {
+                let seen = emu
+                    .entries(ch)
+                    .last()
+                    .is_some_and(|e| e.field(1) == Some(value.as_str()));
+                if seen {
+                    latencies.push(sent.elapsed().as_secs_f64());
+                    break;
+                }
+                if sent.elapsed() > WAIT {
+                    bail!("reading {value} never reached the emulator");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
+        }
+        by_qos.push((qos, latencies));
+    }
+    let counters = emu.counters();
+    gateway.kill();
+
+    let mut table = Table::new(&["QoS", "samples", "p50", "p90", "p99", "max"]);
+    for (qos, l) in &by_qos {
+        table.row(vec![
+            (*qos as u8).to_string(),
+            l.len().to_string(),
+            ms(percentile(l, 50.0)),
+            ms(percentile(l, 90.0)),
+            ms(percentile(l, 99.0)),
+            ms(percentile(l, 100.0)),
+        ]);
+    }
+    Ok(format!(
+        "### e2e-latency (device → gateway → TLS → emulator entry; interval {} s, gap {} ms)\n\n{}\n\n{}\n\nemulator: {} publishes dropped by its rate limit.\n",
+        args.interval,
+        args.gap_ms,
+        harness::machine_summary(),
+        table.render(),
+        counters.dropped_rate_limit
+    ))
+}
