@@ -3,7 +3,7 @@
 //! Each configured device (a unit id behind a transport) is polled on its own
 //! interval; its points are read in as few block requests as the protocol
 //! allows ([`plan::plan_reads`]), decoded ([`decode`]) and sent as
-//! [`Reading`](tsgw_core::Reading)s.
+//! `tsgw_core::Reading`s.
 //!
 //! Devices on the same serial path (or TCP address) share one bus task:
 //! requests are serialised, and a dead unit is backed off so that it cannot
