@@ -8,10 +8,9 @@
 //! Devices on the same serial path (or TCP address) share one bus task:
 //! requests are serialised, and a dead unit is backed off so that it cannot
 //! starve the others. Devices on different transports never wait for each
-//! other. Device failures
-//! (timeouts, exceptions, broken connections) are counted in
-//! `tsgw_device_errors_total{source="modbus"}` and never stop other devices;
-//! only config errors stop [`spawn_devices`].
+//! other. Device failures (timeouts, exceptions, broken connections) are
+//! counted in `tsgw_device_errors_total{source="modbus"}` and never stop other
+//! devices; only config errors stop [`spawn_devices`].
 
 mod bus;
 pub mod config;
