@@ -6,14 +6,10 @@ use tokio_util::sync::CancellationToken;
 use tsgw_core::Metrics;
 use tsgw_modbus::{spawn_devices, DataType, ModbusDeviceConfig, ModbusTransport, WordOrder};
 
+/// The gateway config's shape for Modbus: `[[modbus]]` tables, one per device.
 #[derive(Deserialize)]
 struct Gateway {
-    modbus: Modbus,
-}
-
-#[derive(Deserialize)]
-struct Modbus {
-    devices: Vec<ModbusDeviceConfig>,
+    modbus: Vec<ModbusDeviceConfig>,
 }
 
 fn readme_example() -> Vec<ModbusDeviceConfig> {
@@ -21,7 +17,7 @@ fn readme_example() -> Vec<ModbusDeviceConfig> {
     let start = readme.find("```toml\n").expect("README has a toml block") + "```toml\n".len();
     let len = readme[start..].find("```").expect("toml block ends");
     let gateway: Gateway = toml::from_str(&readme[start..start + len]).expect("README toml parses");
-    gateway.modbus.devices
+    gateway.modbus
 }
 
 #[test]
