@@ -3,6 +3,11 @@
 //! Pushes 100k readings (one per push, as sources do, and in batches of 100),
 //! flushes, then drains them the way the forwarder does (peek 100, remove).
 //! Prints writes/s, drains/s, encoded bytes/reading and the store's size on disk.
+//! Then steady-state runs for SD-card wear: 1, 10 or 100 readings per flush
+//! (that many readings/s at the default 1 s interval), delivered and removed as
+//! they come, reporting
+//! the bytes the process sent to the block device (`/proc/self/io`
+//! `write_bytes`, so fsyncs included; file-system journal writes are not).
 
 use std::path::Path;
 use std::time::Instant;
@@ -97,6 +102,58 @@ fn run(rt: &tokio::runtime::Runtime, batch: usize, flush_every: usize, max_bytes
     );
 }
 
+/// Bytes this process caused to be written to storage so far.
+fn write_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn steady_state(rt: &tokio::runtime::Runtime, per_flush: usize) {
+    const READINGS: usize = 20_000;
+    let cycles = READINGS / per_flush;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = QueueConfig {
+        dir: tmp.path().join("queue"),
+        ..QueueConfig::default()
+    };
+    let queue = DurableQueue::open(&config, Metrics::new()).expect("open");
+    rt.block_on(queue.flush()).expect("flush");
+    let Some(before) = write_bytes() else {
+        println!("steady state: /proc/self/io not available, skipped");
+        return;
+    };
+    let start = Instant::now();
+    for cycle in 0..cycles {
+        for k in 0..per_flush {
+            queue.push(&[reading(cycle * per_flush + k)]).expect("push");
+        }
+        // The forwarder delivers and removes what was queued.
+        for channel in queue.channels().expect("channels") {
+            let got = queue.peek(channel, 100).expect("peek");
+            let keys: Vec<_> = got.iter().map(|q| q.key).collect();
+            queue.remove(&keys).expect("remove");
+        }
+        rt.block_on(queue.flush()).expect("flush");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let written = write_bytes().unwrap_or(before) - before;
+    let readings = (cycles * per_flush) as f64;
+    println!(
+        "steady state ({cycles} flushes of {per_flush:>3} readings, each delivered and removed): \
+         {:.0} bytes written to storage per reading, {:.1} KiB per flush, {:.1} ms per cycle, \
+         store on disk {:.1} MiB",
+        written as f64 / readings,
+        written as f64 / cycles as f64 / 1024.0,
+        secs * 1000.0 / cycles as f64,
+        dir_size(&config.dir) as f64 / 1048576.0,
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -111,5 +168,8 @@ fn main() {
     println!("queue full (max_bytes 1 MiB): every push first drops the oldest readings");
     for (batch, flush_every) in [(1, 1_000), (100, 1_000)] {
         run(&rt, batch, flush_every, 1 << 20);
+    }
+    for per_flush in [1, 10, 100] {
+        steady_state(&rt, per_flush);
     }
 }
