@@ -18,6 +18,10 @@
 //!   first I/O error and fails everything after it, so the flusher closes and
 //!   reopens the store each interval until that works (pushes fail meanwhile,
 //!   the caller counts them); flushed readings are kept.
+//! - **Crash-tested**: `tests/crash.rs` SIGKILLs a writer mid-stream again and
+//!   again and checks every reading it had flushed; that covers a process dying
+//!   at any instruction, not a power cut (the page cache survives a kill), so
+//!   power-loss safety rests on sled's fsync ordering.
 //! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, filled by
 //!   one scan at open.
 //!

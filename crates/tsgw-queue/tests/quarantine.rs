@@ -114,7 +114,7 @@ fn a_foreign_sled_store_is_moved_aside_not_mixed_in() {
 }
 
 #[test]
-fn a_store_held_by_another_process_is_reported_not_quarantined() {
+fn a_locked_store_is_reported_not_quarantined() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("queue");
     let (first, _) = open(&dir);
