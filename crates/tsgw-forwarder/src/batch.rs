@@ -1,17 +1,108 @@
-//! Turns the readings of one channel waiting in the store into one channel
-//! update: the last value of each target wins, the update fits ThingSpeak's
-//! limits, and the batch remembers exactly which readings it covers so they are
-//! removed only once the update was written.
+//! Turns the readings of one channel waiting in the store into channel
+//! updates: one per rate-limit window, each target aggregated by its policy.
 //!
-//! Pure logic, no I/O. A later windowing policy (aggregates instead of last
-//! value) replaces [`merge`] without touching the connection code.
+//! - Window `k` of a channel with window length `len` covers measurement
+//!   times `[k*len, (k+1)*len)` (Unix time). Its update carries
+//!   `created_at` = the window's start in whole seconds; windows are at least
+//!   1 s long so two windows never share a `created_at`.
+//! - A reading measured in the future (device clock ahead) counts as measured now.
+//! - A reading whose window was already sent (it came late) joins the next
+//!   window that was not: ThingSpeak would reject a second update with the
+//!   same `created_at`.
+//! - A window is sent only once closed (its end plus a short grace has
+//!   passed), so its aggregate is final.
+//!
+//! Pure logic, no I/O: the forwarder decides which windows go when and how.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use thingspeak::limits::{MAX_MESSAGE_BYTES, MAX_VALUE_BYTES};
 use thingspeak::{ChannelId, ChannelUpdate, Target};
-use tsgw_core::{QueueKey, Queued};
+use tsgw_core::{QueueKey, Queued, Value};
+
+/// Time a window stays open after its end, for readings still on their way
+/// through the queue.
+pub const WINDOW_GRACE: Duration = Duration::from_millis(250);
+
+/// Shortest window: `created_at` has seconds resolution.
+pub const MIN_WINDOW: Duration = Duration::from_secs(1);
+
+/// How the readings of one target within a window become the one value sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    /// The last reading (in queue order).
+    #[default]
+    Last,
+    /// The first reading.
+    First,
+    /// Arithmetic mean of the numeric readings.
+    Mean,
+    Min,
+    Max,
+    Sum,
+    /// How many readings the window holds (numeric or not).
+    Count,
+}
+
+impl Aggregate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregate::Last => "last",
+            Aggregate::First => "first",
+            Aggregate::Mean => "mean",
+            Aggregate::Min => "min",
+            Aggregate::Max => "max",
+            Aggregate::Sum => "sum",
+            Aggregate::Count => "count",
+        }
+    }
+
+    /// The value sent for `values` (non-empty, in queue order). Numeric
+    /// policies use the numeric readings (numbers, or text that parses as a
+    /// finite number); a window with none falls back to the last value.
+    pub fn apply(self, values: &[&Value]) -> Option<String> {
+        let last = values.last().map(|v| v.to_string());
+        let numbers: Vec<f64> = values
+            .iter()
+            .filter_map(|v| match v {
+                Value::Number(n) => Some(*n),
+                Value::Text(t) => t.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+            })
+            .collect();
+        let numeric = |f: fn(&[f64]) -> f64| {
+            if numbers.is_empty() {
+                last.clone()
+            } else {
+                Some(Value::Number(f(&numbers)).to_string())
+            }
+        };
+        match self {
+            Aggregate::Last => last,
+            Aggregate::First => values.first().map(|v| v.to_string()),
+            Aggregate::Count => Some(values.len().to_string()),
+            Aggregate::Mean => numeric(|n| n.iter().sum::<f64>() / n.len() as f64),
+            Aggregate::Min => numeric(|n| n.iter().copied().fold(f64::INFINITY, f64::min)),
+            Aggregate::Max => numeric(|n| n.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+            Aggregate::Sum => numeric(|n| n.iter().sum()),
+        }
+    }
+}
+
+/// The aggregation policy of each target of one channel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policies {
+    pub by_target: BTreeMap<Target, Aggregate>,
+}
+
+impl Policies {
+    pub fn get(&self, target: Target) -> Aggregate {
+        self.by_target.get(&target).copied().unwrap_or_default()
+    }
+}
 
 /// A reading that can never be sent, so it is dropped (and counted) instead of
 /// blocking its channel forever.
@@ -25,115 +116,147 @@ pub struct Rejected {
     pub detail: String,
 }
 
-/// One update ready to publish, and what it covers.
+/// One update ready to send, and what it covers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub channel: ChannelId,
+    /// Always has `created_at` set (the window's start).
     pub update: ChannelUpdate,
-    /// Readings the update covers (including ones superseded by a later value
-    /// of the same target): remove these once the update is written.
+    /// Readings the update covers: remove these once it is delivered.
     pub covered: Vec<QueueKey>,
-    /// Readings to drop now: they can never be sent.
-    pub rejected: Vec<Rejected>,
 }
 
 impl Batch {
-    /// True when there is nothing to publish (maybe only rejects to drop).
+    /// True when there is nothing to publish.
     pub fn is_empty(&self) -> bool {
         self.update.is_empty()
     }
+
+    pub fn created_at(&self) -> Option<DateTime<Utc>> {
+        self.update.created_at
+    }
 }
 
-/// Merges `queued` (oldest first, all of `channel`) into one update.
-///
-/// - The last reading (in queue order) of each target gives its value.
-/// - A value over 255 bytes is rejected: ThingSpeak would refuse the whole update.
-/// - Targets are added in order (field1..8, status, lat, long, elevation) while
-///   the payload stays within 3000 bytes; readings of targets that do not fit
-///   stay in the store for the next update.
-/// - `created_at` is the newest measurement time of the included readings, in
-///   whole seconds, no later than `now`, and strictly after `last_created_at`
-///   (ThingSpeak rejects a repeated `created_at` within a channel; a resend of
-///   the same readings after a lost connection keeps its `created_at`, so a
-///   duplicate that did arrive is rejected rather than stored twice).
-pub fn merge(
+/// The readings of one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// The window's `created_at` (its start, whole seconds).
+    pub created_at: DateTime<Utc>,
+    /// When the window may be sent (its end plus [`WINDOW_GRACE`]).
+    pub closes_at: DateTime<Utc>,
+    /// Readings in queue order.
+    pub readings: Vec<Queued>,
+}
+
+impl Group {
+    pub fn is_closed(&self, now: DateTime<Utc>) -> bool {
+        self.closes_at <= now
+    }
+}
+
+/// The effective window length for a channel interval.
+pub fn window_len(interval: Duration) -> Duration {
+    interval.max(MIN_WINDOW)
+}
+
+/// Groups `queued` (oldest first, readings of other channels ignored) into
+/// windows, oldest first. Readings of unsendable size are returned separately.
+pub fn group(
     channel: ChannelId,
     queued: &[Queued],
-    last_created_at: Option<DateTime<Utc>>,
+    len: Duration,
+    used: &BTreeSet<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> Batch {
-    struct Slot {
-        value: String,
-        keys: Vec<QueueKey>,
-        newest: DateTime<Utc>,
-    }
-    let mut slots: BTreeMap<Target, Slot> = BTreeMap::new();
+) -> (Vec<Group>, Vec<Rejected>) {
+    let len_ms = i64::try_from(window_len(len).as_millis()).unwrap_or(i64::MAX / 4);
+    let grace_ms = i64::try_from(WINDOW_GRACE.as_millis()).unwrap_or(0);
+    let start_of = |k: i64| k.saturating_mul(len_ms);
+    let created_at_of = |k: i64| {
+        DateTime::from_timestamp(start_of(k).div_euclid(1000), 0).unwrap_or(DateTime::UNIX_EPOCH)
+    };
+    let now_ms = now.timestamp_millis();
+    let mut windows: BTreeMap<i64, Vec<Queued>> = BTreeMap::new();
     let mut rejected = Vec::new();
     for q in queued.iter().filter(|q| q.reading.channel == channel) {
         let r = &q.reading;
-        let value = r.value.to_string();
-        if value.len() > MAX_VALUE_BYTES {
+        let len = r.value.to_string().len();
+        if len > MAX_VALUE_BYTES {
             rejected.push(Rejected {
                 key: q.key,
                 target: r.target,
                 reason: "value_too_long",
                 detail: format!(
-                    "value of {} is {} bytes, ThingSpeak allows {MAX_VALUE_BYTES}",
-                    r.target,
-                    value.len()
+                    "value of {} is {len} bytes, ThingSpeak allows {MAX_VALUE_BYTES}",
+                    r.target
                 ),
             });
             continue;
         }
-        let slot = slots.entry(r.target).or_insert_with(|| Slot {
-            value: String::new(),
-            keys: Vec::new(),
-            newest: r.measured_at,
-        });
-        slot.value = value;
-        slot.keys.push(q.key);
-        slot.newest = slot.newest.max(r.measured_at);
+        let t = r.measured_at.timestamp_millis().min(now_ms);
+        let mut k = t.div_euclid(len_ms);
+        // Late for a window already sent: the next free one.
+        while used.contains(&created_at_of(k)) {
+            k += 1;
+        }
+        windows.entry(k).or_default().push(q.clone());
     }
+    let groups = windows
+        .into_iter()
+        .map(|(k, readings)| Group {
+            created_at: created_at_of(k),
+            closes_at: DateTime::from_timestamp_millis(
+                start_of(k).saturating_add(len_ms).saturating_add(grace_ms),
+            )
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            readings,
+        })
+        .collect();
+    (groups, rejected)
+}
 
+/// One update from the readings of one or more windows, stamped `created_at`.
+///
+/// Targets are added in order (field1..8, status, lat, long, elevation) while
+/// the payload stays within ThingSpeak's 3000 bytes; readings of targets that
+/// do not fit are not covered and stay in the store for a later window.
+pub fn aggregate(
+    channel: ChannelId,
+    created_at: DateTime<Utc>,
+    readings: &[&Queued],
+    policies: &Policies,
+) -> Batch {
+    let mut by_target: BTreeMap<Target, Vec<&Queued>> = BTreeMap::new();
+    for q in readings {
+        by_target.entry(q.reading.target).or_default().push(q);
+    }
     let mut update = ChannelUpdate::new();
     let mut covered = Vec::new();
-    let mut newest: Option<DateTime<Utc>> = None;
     // The timestamp parameter is added last; reserve its size up front.
     let created_at_len = "&created_at=2026-01-02T03%3A04%3A05Z".len();
-    for (target, slot) in slots {
-        update.set(target, slot.value.clone());
+    for (target, qs) in by_target {
+        let values: Vec<&Value> = qs.iter().map(|q| &q.reading.value).collect();
+        let Some(value) = policies.get(target).apply(&values) else {
+            continue;
+        };
+        if value.len() > MAX_VALUE_BYTES {
+            // Only a text "last"/"first" can be this long, and those were
+            // rejected already; an aggregate never is. Leave them queued.
+            continue;
+        }
+        update.set(target, value);
         if update.encode().len() + created_at_len > MAX_MESSAGE_BYTES {
             update.values.remove(&target);
             continue;
         }
-        covered.extend(slot.keys);
-        newest = Some(newest.map_or(slot.newest, |n| n.max(slot.newest)));
+        covered.extend(qs.iter().map(|q| q.key));
     }
     covered.sort();
-
-    update.created_at = newest.map(|t| created_at(t, last_created_at, now));
+    update.created_at = Some(created_at);
     Batch {
         channel,
         update,
         covered,
-        rejected,
     }
-}
-
-fn created_at(
-    newest: DateTime<Utc>,
-    last: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> DateTime<Utc> {
-    let second = TimeDelta::seconds(1);
-    let whole = |t: DateTime<Utc>| t.duration_trunc(second).unwrap_or(t);
-    let mut t = whole(newest.min(now));
-    if let Some(last) = last {
-        if t <= last {
-            t = whole(last) + second;
-        }
-    }
-    t
 }
 
 #[cfg(test)]
@@ -141,7 +264,7 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use thingspeak::Field;
-    use tsgw_core::{Origin, Reading, SourceKind, Value};
+    use tsgw_core::{Origin, Reading, SourceKind};
 
     fn ch(n: u64) -> ChannelId {
         ChannelId::new(n).unwrap()
@@ -151,8 +274,9 @@ mod tests {
         Target::Field(Field::new(n).unwrap())
     }
 
-    fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    /// 1_800_000_000 is a multiple of 2, 5 and 10 s.
+    fn t(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(1_800_000_000_000 + ms).unwrap()
     }
 
     fn q(seq: u64, target: Target, value: Value, at: DateTime<Utc>) -> Queued {
@@ -171,180 +295,222 @@ mod tests {
         }
     }
 
-    fn key(seq: u64) -> QueueKey {
-        QueueKey {
-            channel: ch(1),
-            seq,
+    fn num(v: f64) -> Value {
+        Value::Number(v)
+    }
+
+    #[test]
+    fn policies_aggregate_as_named() {
+        let vals = [num(3.0), num(1.0), Value::Text("2".into()), num(6.0)];
+        let v: Vec<&Value> = vals.iter().collect();
+        let got = |a: Aggregate| a.apply(&v).unwrap();
+        assert_eq!(got(Aggregate::Last), "6");
+        assert_eq!(got(Aggregate::First), "3");
+        assert_eq!(got(Aggregate::Mean), "3");
+        assert_eq!(got(Aggregate::Min), "1");
+        assert_eq!(got(Aggregate::Max), "6");
+        assert_eq!(got(Aggregate::Sum), "12");
+        assert_eq!(got(Aggregate::Count), "4");
+        // Text that is not a number: numeric policies fall back to the last value.
+        let text = [Value::Text("open".into()), Value::Text("closed".into())];
+        let tv: Vec<&Value> = text.iter().collect();
+        assert_eq!(Aggregate::Mean.apply(&tv).unwrap(), "closed");
+        assert_eq!(Aggregate::Count.apply(&tv).unwrap(), "2");
+        assert_eq!(Aggregate::Last.apply(&[]), None);
+    }
+
+    #[test]
+    fn policy_names_parse_from_config() {
+        #[derive(Deserialize)]
+        struct W {
+            a: BTreeMap<String, Aggregate>,
+        }
+        let w: W = toml::from_str(r#"a = { field1 = "mean", field2 = "count" }"#).unwrap();
+        assert_eq!(w.a["field1"], Aggregate::Mean);
+        assert_eq!(w.a["field2"].as_str(), "count");
+        assert!(toml::from_str::<W>(r#"a = { field1 = "median" }"#).is_err());
+    }
+
+    #[test]
+    fn readings_are_grouped_by_measurement_window() {
+        let readings = [
+            q(1, field(1), num(1.0), t(100)),
+            q(2, field(1), num(2.0), t(1900)),
+            q(3, field(1), num(3.0), t(2000)),
+            q(4, field(2), num(4.0), t(4500)),
+        ];
+        let (groups, rejected) = group(
+            ch(1),
+            &readings,
+            Duration::from_secs(2),
+            &BTreeSet::new(),
+            t(5000),
+        );
+        assert!(rejected.is_empty());
+        let starts: Vec<_> = groups.iter().map(|g| g.created_at).collect();
+        assert_eq!(starts, vec![t(0), t(2000), t(4000)]);
+        assert_eq!(groups[0].readings.len(), 2);
+        assert!(groups[0].is_closed(t(5000)));
+        assert!(groups[1].is_closed(t(5000)));
+        assert!(!groups[2].is_closed(t(5000)), "the current window is open");
+        assert!(!groups[1].is_closed(t(4100)), "grace after the end");
+    }
+
+    #[test]
+    fn late_and_future_readings_move_to_a_free_window() {
+        let readings = [
+            q(1, field(1), num(1.0), t(500)),
+            q(2, field(1), num(2.0), t(60_000)),
+        ];
+        let used = BTreeSet::from([t(0), t(1000)]);
+        let (groups, _) = group(ch(1), &readings, Duration::from_secs(1), &used, t(3000));
+        let starts: Vec<_> = groups.iter().map(|g| g.created_at).collect();
+        // The late reading skips the two sent windows; the future one is "now".
+        assert_eq!(starts, vec![t(2000), t(3000)]);
+    }
+
+    #[test]
+    fn windows_shorter_than_a_second_are_a_second() {
+        let readings = [
+            q(1, field(1), num(1.0), t(100)),
+            q(2, field(1), num(2.0), t(900)),
+        ];
+        let (groups, _) = group(
+            ch(1),
+            &readings,
+            Duration::from_millis(200),
+            &BTreeSet::new(),
+            t(5000),
+        );
+        assert_eq!(groups.len(), 1);
+        assert_eq!(window_len(Duration::from_millis(200)), MIN_WINDOW);
+    }
+
+    #[test]
+    fn fractional_windows_keep_distinct_whole_second_timestamps() {
+        let readings: Vec<Queued> = (0..20)
+            .map(|i| q(i, field(1), num(i as f64), t(i as i64 * 700)))
+            .collect();
+        let (groups, _) = group(
+            ch(1),
+            &readings,
+            Duration::from_millis(1500),
+            &BTreeSet::new(),
+            t(60_000),
+        );
+        let stamps: BTreeSet<_> = groups.iter().map(|g| g.created_at).collect();
+        assert_eq!(stamps.len(), groups.len());
+        for g in &groups {
+            assert_eq!(g.created_at.timestamp_subsec_millis(), 0);
         }
     }
 
     #[test]
-    fn last_value_per_target_wins_and_all_are_covered() {
+    fn aggregate_applies_per_target_policy_and_covers_all() {
         let readings = [
-            q(1, field(1), Value::Number(20.0), t(0)),
-            q(2, field(2), Value::Number(40.0), t(1)),
-            q(3, field(1), Value::Number(21.5), t(2)),
-            q(4, Target::Status, Value::Text("ok".into()), t(3)),
+            q(1, field(1), num(20.0), t(0)),
+            q(2, field(2), num(40.0), t(100)),
+            q(3, field(1), num(21.0), t(200)),
+            q(4, Target::Status, Value::Text("ok".into()), t(300)),
         ];
-        let b = merge(ch(1), &readings, None, t(100));
-        assert_eq!(b.update.get(field(1)), Some("21.5"));
+        let refs: Vec<&Queued> = readings.iter().collect();
+        let policies = Policies {
+            by_target: BTreeMap::from([(field(1), Aggregate::Mean)]),
+        };
+        let b = aggregate(ch(1), t(0), &refs, &policies);
+        assert_eq!(b.update.get(field(1)), Some("20.5"));
         assert_eq!(b.update.get(field(2)), Some("40"));
         assert_eq!(b.update.get(Target::Status), Some("ok"));
-        assert_eq!(b.covered, vec![key(1), key(2), key(3), key(4)]);
-        assert_eq!(b.update.created_at, Some(t(3)));
-        assert!(b.rejected.is_empty());
+        assert_eq!(b.covered.len(), 4);
+        assert_eq!(b.created_at(), Some(t(0)));
         assert_eq!(
             b.update.encode(),
-            "field1=21.5&field2=40&status=ok&created_at=2027-01-15T08%3A00%3A03Z"
+            "field1=20.5&field2=40&status=ok&created_at=2027-01-15T08%3A00%3A00Z"
         );
-    }
-
-    #[test]
-    fn empty_input_gives_an_empty_batch() {
-        let b = merge(ch(1), &[], None, t(0));
-        assert!(b.is_empty());
-        assert!(b.covered.is_empty());
-        assert_eq!(b.update.created_at, None);
     }
 
     #[test]
     fn overlong_values_are_rejected_not_sent() {
         let readings = [
             q(1, field(1), Value::Text("x".repeat(256)), t(0)),
-            q(2, field(2), Value::Number(1.0), t(0)),
+            q(2, field(2), num(1.0), t(0)),
         ];
-        let b = merge(ch(1), &readings, None, t(10));
-        assert_eq!(b.update.get(field(1)), None);
-        assert_eq!(b.covered, vec![key(2)]);
-        assert_eq!(b.rejected.len(), 1);
-        assert_eq!(b.rejected[0].key, key(1));
-        assert_eq!(b.rejected[0].reason, "value_too_long");
+        let (groups, rejected) = group(
+            ch(1),
+            &readings,
+            Duration::from_secs(1),
+            &BTreeSet::new(),
+            t(10_000),
+        );
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].reason, "value_too_long");
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].readings.len(), 1);
     }
 
     #[test]
     fn targets_that_do_not_fit_stay_queued() {
-        // Values that triple in size when URL-encoded: 12 of them cannot fit in 3000 bytes.
+        // Values that triple in size when URL-encoded: 8 of them cannot fit in 3000 bytes.
         let big = "&".repeat(255);
         let readings: Vec<Queued> = (1..=8)
             .map(|n| q(u64::from(n), field(n), Value::Text(big.clone()), t(0)))
             .collect();
-        let b = merge(ch(1), &readings, None, t(10));
+        let refs: Vec<&Queued> = readings.iter().collect();
+        let b = aggregate(ch(1), t(0), &refs, &Policies::default());
         assert!(b.update.encode().len() <= MAX_MESSAGE_BYTES);
         assert!(b.update.validate().is_ok());
         let included = b.update.values.len();
         assert!((1..8).contains(&included), "{included}");
         assert_eq!(b.covered.len(), included);
-        assert!(!b.covered.contains(&key(8)));
-    }
-
-    #[test]
-    fn created_at_is_whole_seconds_not_future_and_increasing() {
-        let at = t(5) + TimeDelta::milliseconds(700);
-        let readings = [q(1, field(1), Value::Number(1.0), at)];
-        assert_eq!(
-            merge(ch(1), &readings, None, t(9)).update.created_at,
-            Some(t(5))
-        );
-        // A device clock ahead of ours is capped at our now.
-        assert_eq!(
-            merge(ch(1), &readings, None, t(2)).update.created_at,
-            Some(t(2))
-        );
-        // Never repeats or goes back behind the previous update's timestamp.
-        assert_eq!(
-            merge(ch(1), &readings, Some(t(5)), t(9)).update.created_at,
-            Some(t(6))
-        );
-        assert_eq!(
-            merge(ch(1), &readings, Some(t(7)), t(9)).update.created_at,
-            Some(t(8))
-        );
     }
 
     #[test]
     fn readings_of_other_channels_are_ignored() {
-        let mut other = q(9, field(1), Value::Number(5.0), t(0));
+        let mut other = q(9, field(1), num(5.0), t(0));
         other.reading.channel = ch(2);
-        let b = merge(ch(1), &[other], None, t(0));
-        assert!(b.is_empty());
+        let (groups, _) = group(
+            ch(1),
+            &[other],
+            Duration::from_secs(1),
+            &BTreeSet::new(),
+            t(5000),
+        );
+        assert!(groups.is_empty());
     }
 
     mod properties {
         use super::*;
         use proptest::prelude::*;
-        use std::collections::BTreeSet;
-
-        fn target() -> impl Strategy<Value = Target> {
-            prop_oneof![
-                (1u8..=8).prop_map(|n| Target::Field(Field::new(n).unwrap())),
-                Just(Target::Status),
-                Just(Target::Latitude),
-                Just(Target::Longitude),
-                Just(Target::Elevation),
-            ]
-        }
-
-        fn value() -> impl Strategy<Value = Value> {
-            prop_oneof![
-                any::<f64>().prop_map(Value::Number),
-                // Up to 300 characters of any kind, so some exceed 255 bytes
-                // and some triple in size when URL-encoded.
-                ".{0,300}".prop_map(Value::Text),
-            ]
-        }
 
         proptest! {
             #[test]
-            fn every_reading_is_covered_rejected_or_left_and_limits_hold(
-                input in proptest::collection::vec((target(), value(), 0i64..100), 0..40),
-                last in proptest::option::of(0i64..200),
+            fn every_reading_lands_in_exactly_one_window_with_a_fresh_timestamp(
+                input in proptest::collection::vec((1u8..=8, -1000.0f64..1000.0, 0i64..20_000), 0..60),
+                len_ms in 1000u64..5000,
+                used in proptest::collection::btree_set(0i64..20, 0..5),
             ) {
                 let readings: Vec<Queued> = input
                     .iter()
                     .enumerate()
-                    .map(|(i, (tg, v, s))| q(i as u64, *tg, v.clone(), t(*s)))
+                    .map(|(i, (f, v, at))| q(i as u64, field(*f), num(*v), t(*at)))
                     .collect();
-                let b = merge(ch(1), &readings, last.map(t), t(150));
-
-                let covered: BTreeSet<QueueKey> = b.covered.iter().copied().collect();
-                let rejected: BTreeSet<QueueKey> = b.rejected.iter().map(|r| r.key).collect();
-                prop_assert_eq!(covered.len(), b.covered.len(), "no key twice");
-                prop_assert!(covered.is_disjoint(&rejected));
-
-                if !b.is_empty() {
-                    prop_assert!(b.update.validate().is_ok(), "{:?}", b.update.validate());
-                    prop_assert!(b.update.encode().len() <= MAX_MESSAGE_BYTES);
-                    let at = b.update.created_at.unwrap();
-                    // Not after now, unless only a step past the previous update
-                    // keeps the timestamps strictly increasing.
-                    match last {
-                        Some(l) => {
-                            prop_assert!(at > t(l));
-                            prop_assert!(at <= t(150).max(t(l + 1)));
-                        }
-                        None => prop_assert!(at <= t(150)),
-                    }
-                }
-                for qd in &readings {
-                    let text = qd.reading.value.to_string();
-                    if text.len() > MAX_VALUE_BYTES {
-                        prop_assert!(rejected.contains(&qd.key));
-                    } else if b.update.values.contains_key(&qd.reading.target) {
-                        // Every sendable reading of an included target is covered...
-                        prop_assert!(covered.contains(&qd.key));
-                    } else {
-                        // ...and readings of targets that did not fit stay queued.
-                        prop_assert!(!covered.contains(&qd.key) && !rejected.contains(&qd.key));
-                    }
-                }
-                // The value sent is the last sendable one of its target.
-                for (target, sent) in &b.update.values {
-                    let last_value = readings
-                        .iter()
-                        .filter(|qd| qd.reading.target == *target)
-                        .map(|qd| qd.reading.value.to_string())
-                        .rfind(|v| v.len() <= MAX_VALUE_BYTES);
-                    prop_assert_eq!(Some(sent), last_value.as_ref());
+                let used: BTreeSet<DateTime<Utc>> =
+                    used.into_iter().map(|s| t(s * 1000)).collect();
+                let now = t(15_000);
+                let (groups, rejected) =
+                    group(ch(1), &readings, Duration::from_millis(len_ms), &used, now);
+                prop_assert!(rejected.is_empty());
+                let total: usize = groups.iter().map(|g| g.readings.len()).sum();
+                prop_assert_eq!(total, readings.len());
+                let mut last = None;
+                for g in &groups {
+                    prop_assert!(!used.contains(&g.created_at));
+                    prop_assert!(last.is_none_or(|l| l < g.created_at), "strictly increasing");
+                    last = Some(g.created_at);
+                    let refs: Vec<&Queued> = g.readings.iter().collect();
+                    let b = aggregate(ch(1), g.created_at, &refs, &Policies::default());
+                    prop_assert_eq!(b.covered.len(), g.readings.len());
+                    prop_assert!(b.update.validate().is_ok());
                 }
             }
         }

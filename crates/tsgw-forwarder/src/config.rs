@@ -6,10 +6,36 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use thingspeak::ChannelId;
+use thingspeak::{ChannelId, Target};
 use tsgw_core::Secret;
 
+use crate::batch::{Aggregate, Policies};
 use crate::error::ForwarderError;
+
+/// What happens to windows that piled up while ThingSpeak was unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backfill {
+    /// Newest window over MQTT, older ones through the REST bulk-write call
+    /// (needs the channel's `write_key`; without one the channel uses `mqtt`).
+    #[default]
+    Bulk,
+    /// Every window over MQTT, oldest first; when more than
+    /// `downsample_after` windows wait, the oldest are merged into one update.
+    Mqtt,
+    /// Only the newest window is sent; older ones are dropped (counted).
+    Newest,
+}
+
+impl Backfill {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backfill::Bulk => "bulk",
+            Backfill::Mqtt => "mqtt",
+            Backfill::Newest => "newest",
+        }
+    }
+}
 
 /// How the connection to the broker is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -56,6 +82,11 @@ impl Transport {
 pub struct ChannelOverride {
     /// Minimum seconds between two updates of this channel.
     pub update_interval_secs: Option<f64>,
+    /// Aggregation per target (`field1` .. `field8`, `status`, `lat`, `long`,
+    /// `elevation`), over `upstream.aggregate`.
+    pub aggregate: BTreeMap<String, Aggregate>,
+    /// The channel's Write API key: needed for bulk backfill over REST.
+    pub write_key: Option<Secret>,
 }
 
 /// Connection to ThingSpeak and the update schedule.
@@ -82,6 +113,30 @@ pub struct UpstreamConfig {
     pub reconnect_max_secs: f64,
     /// Per-channel overrides, keyed by channel id.
     pub channels: BTreeMap<String, ChannelOverride>,
+    /// Aggregation per target for every channel (default: last value).
+    pub aggregate: BTreeMap<String, Aggregate>,
+    /// Count an update as delivered only when ThingSpeak relays it back on the
+    /// channel's subscription (falls back to "written" where subscribing is refused).
+    pub confirm: bool,
+    /// Seconds to wait for that echo before checking and resending.
+    pub confirm_timeout_secs: f64,
+    /// The broker closes connections without PUBLISH for this long; the
+    /// forwarder renews the connection at 5/6 of it.
+    pub idle_timeout_secs: f64,
+    /// What to do with a backlog of windows after an outage.
+    pub backfill: Backfill,
+    /// `backfill = "mqtt"`: more waiting windows than this get merged.
+    pub downsample_after: usize,
+    /// ThingSpeak's REST API (bulk backfill).
+    pub rest_host: String,
+    /// Default 443 (or 80 with `rest_tls = false`).
+    pub rest_port: Option<u16>,
+    /// HTTPS for REST calls. Plain HTTP only when set to false explicitly.
+    pub rest_tls: bool,
+    /// Minimum seconds between two bulk calls of one channel (ThingSpeak: 15).
+    pub bulk_interval_secs: f64,
+    /// Most updates in one bulk call (free licence: 960).
+    pub bulk_max_updates: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -99,6 +154,17 @@ impl Default for UpstreamConfig {
             reconnect_min_secs: 1.0,
             reconnect_max_secs: 60.0,
             channels: BTreeMap::new(),
+            aggregate: BTreeMap::new(),
+            confirm: true,
+            confirm_timeout_secs: 10.0,
+            idle_timeout_secs: 3600.0,
+            backfill: Backfill::Bulk,
+            downsample_after: 60,
+            rest_host: "api.thingspeak.com".into(),
+            rest_port: None,
+            rest_tls: true,
+            bulk_interval_secs: 15.0,
+            bulk_max_updates: 960,
         }
     }
 }
@@ -118,6 +184,18 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
         Raw::Int(n) => n.to_string(),
         Raw::UInt(n) => n.to_string(),
     })
+}
+
+fn check_policies(key: &str, map: &BTreeMap<String, Aggregate>) -> Result<(), ForwarderError> {
+    for target in map.keys() {
+        target.parse::<Target>().map_err(|_| {
+            bad(
+                &format!("{key}.{target}"),
+                "is not a target (field1..field8, status, lat, long, elevation)",
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Longest keep-alive MQTT 3.1.1 can express.
@@ -199,6 +277,31 @@ impl UpstreamConfig {
                 ),
             ));
         }
+        check_policies("aggregate", &self.aggregate)?;
+        check_secs("confirm_timeout_secs", self.confirm_timeout_secs, 0.1)?;
+        check_secs("idle_timeout_secs", self.idle_timeout_secs, 1.0)?;
+        check_secs("bulk_interval_secs", self.bulk_interval_secs, 0.1)?;
+        if self.downsample_after == 0 {
+            return Err(bad("downsample_after", "must be at least 1"));
+        }
+        if self.bulk_max_updates == 0 || self.bulk_max_updates > 14_400 {
+            return Err(bad(
+                "bulk_max_updates",
+                format!("{} is not from 1 to 14400", self.bulk_max_updates),
+            ));
+        }
+        if self.rest_host.trim().is_empty() || self.rest_host.contains(['/', ' ']) {
+            return Err(bad(
+                "rest_host",
+                format!(
+                    "{:?} must be a host name, without scheme or path",
+                    self.rest_host
+                ),
+            ));
+        }
+        if self.rest_port == Some(0) {
+            return Err(bad("rest_port", "must be 1..65535"));
+        }
         for (id, o) in &self.channels {
             let key = format!("channels.{id:?}");
             id.parse::<ChannelId>()
@@ -206,8 +309,53 @@ impl UpstreamConfig {
             if let Some(secs) = o.update_interval_secs {
                 check_secs(&format!("{key}.update_interval_secs"), secs, 0.1)?;
             }
+            check_policies(&format!("{key}.aggregate"), &o.aggregate)?;
+            if let Some(k) = &o.write_key {
+                thingspeak::WriteKey::new(k.expose()).map_err(|e| {
+                    bad(
+                        &format!("{key}.write_key"),
+                        format!("not a write API key: {e}"),
+                    )
+                })?;
+            }
         }
         Ok(())
+    }
+
+    /// The aggregation policies of `channel`: its own over the global ones.
+    /// Call after [`validate`](Self::validate).
+    pub fn policies(&self, channel: ChannelId) -> Policies {
+        let own = self
+            .channels
+            .iter()
+            .filter(|(id, _)| id.parse::<ChannelId>().ok() == Some(channel))
+            .flat_map(|(_, o)| o.aggregate.iter());
+        let by_target = self
+            .aggregate
+            .iter()
+            .chain(own)
+            .filter_map(|(t, a)| Some((t.parse::<Target>().ok()?, *a)))
+            .collect();
+        Policies { by_target }
+    }
+
+    /// The write API key of `channel`, if configured.
+    pub fn write_key(&self, channel: ChannelId) -> Option<thingspeak::WriteKey> {
+        self.channels
+            .iter()
+            .find(|(id, _)| id.parse::<ChannelId>().ok() == Some(channel))
+            .and_then(|(_, o)| o.write_key.as_ref())
+            .and_then(|k| thingspeak::WriteKey::new(k.expose()).ok())
+    }
+
+    pub fn rest_port(&self) -> u16 {
+        self.rest_port
+            .unwrap_or(if self.rest_tls { 443 } else { 80 })
+    }
+
+    /// Renew a connection idle this long (5/6 of the broker's idle limit).
+    pub fn renew_idle_after(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_secs * 5.0 / 6.0)
     }
 
     pub fn effective_port(&self) -> u16 {
@@ -275,6 +423,47 @@ mod tests {
     }
 
     #[test]
+    fn new_keys_parse_and_resolve_per_channel() {
+        let c: UpstreamConfig = toml::from_str(
+            r#"
+            client_id = "dev"
+            username = "user"
+            password = "pw"
+            aggregate = { field1 = "mean", field2 = "max" }
+            confirm = false
+            confirm_timeout_secs = 3
+            idle_timeout_secs = 600
+            backfill = "newest"
+            rest_host = "api.example.net"
+            [channels.1234]
+            update_interval_secs = 1
+            aggregate = { field1 = "sum" }
+            write_key = "ABCDEFGH12345678"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let ch = ChannelId::new(1234).unwrap();
+        let f = |n| Target::Field(thingspeak::Field::new(n).unwrap());
+        let p = c.policies(ch);
+        assert_eq!(p.get(f(1)), Aggregate::Sum, "channel overrides global");
+        assert_eq!(p.get(f(2)), Aggregate::Max);
+        assert_eq!(p.get(f(3)), Aggregate::Last);
+        let other = c.policies(ChannelId::new(9).unwrap());
+        assert_eq!(other.get(f(1)), Aggregate::Mean);
+        assert_eq!(c.write_key(ch).unwrap().expose(), "ABCDEFGH12345678");
+        assert!(c.write_key(ChannelId::new(9).unwrap()).is_none());
+        assert_eq!(c.backfill, Backfill::Newest);
+        assert_eq!(c.rest_port(), 443);
+        assert_eq!(c.renew_idle_after(), Duration::from_secs(500));
+        assert!(!format!("{c:?}").contains("ABCDEFGH12345678"));
+        let d = UpstreamConfig::default();
+        assert!(d.confirm);
+        assert_eq!(d.backfill, Backfill::Bulk);
+        assert_eq!(d.renew_idle_after(), Duration::from_secs(3000));
+    }
+
+    #[test]
     fn numeric_ids_are_accepted_as_text() {
         let c: UpstreamConfig =
             toml::from_str("client_id = 123\nusername = 456\npassword = 789").unwrap();
@@ -315,6 +504,40 @@ mod tests {
             ),
             (
                 Box::new(|c| {
+                    c.aggregate.insert("field9".into(), Aggregate::Mean);
+                }),
+                "upstream.aggregate.field9",
+            ),
+            (
+                Box::new(|c| c.confirm_timeout_secs = 0.0),
+                "upstream.confirm_timeout_secs",
+            ),
+            (
+                Box::new(|c| c.idle_timeout_secs = 0.5),
+                "upstream.idle_timeout_secs",
+            ),
+            (
+                Box::new(|c| c.downsample_after = 0),
+                "upstream.downsample_after",
+            ),
+            (
+                Box::new(|c| c.rest_host = "https://x".into()),
+                "upstream.rest_host",
+            ),
+            (
+                Box::new(|c| {
+                    c.channels.insert(
+                        "7".into(),
+                        ChannelOverride {
+                            write_key: Some(Secret::new("")),
+                            ..ChannelOverride::default()
+                        },
+                    );
+                }),
+                "upstream.channels.\"7\".write_key",
+            ),
+            (
+                Box::new(|c| {
                     c.channels.insert("abc".into(), ChannelOverride::default());
                 }),
                 "upstream.channels.\"abc\"",
@@ -325,6 +548,7 @@ mod tests {
                         "7".into(),
                         ChannelOverride {
                             update_interval_secs: Some(-1.0),
+                            ..ChannelOverride::default()
                         },
                     );
                 }),

@@ -5,7 +5,11 @@
 //! connection can never be written on a later one, and an
 //! `Outgoing::Publish` event is always attributed to the right connection.
 
-use rumqttc::{ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, StateError};
+use bytes::Bytes;
+use rumqttc::{
+    ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, StateError,
+    SubscribeReasonCode,
+};
 use tokio::sync::mpsc;
 
 /// What happened on connection `generation`.
@@ -21,6 +25,12 @@ pub enum ConnEventKind {
     Connected,
     /// A PUBLISH was written and flushed to the socket.
     Written,
+    /// A SUBSCRIBE with this packet id was written (in the order requested).
+    SubscribeSent(u16),
+    /// The broker answered SUBSCRIBE `pkid`: granted or refused.
+    SubAck { pkid: u16, granted: bool },
+    /// A message on a subscribed topic.
+    Message { topic: String, payload: Bytes },
     /// The connection ended (or never came up). The driver has stopped.
     Closed(Closed),
 }
@@ -81,6 +91,19 @@ pub async fn drive(mut eventloop: EventLoop, generation: u64, tx: mpsc::Sender<C
         let kind = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => ConnEventKind::Connected,
             Ok(Event::Outgoing(Outgoing::Publish(_))) => ConnEventKind::Written,
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => ConnEventKind::SubscribeSent(pkid),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => ConnEventKind::SubAck {
+                pkid: ack.pkid,
+                granted: !ack.return_codes.is_empty()
+                    && ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+            },
+            Ok(Event::Incoming(Packet::Publish(p))) => ConnEventKind::Message {
+                topic: p.topic,
+                payload: p.payload,
+            },
             Ok(Event::Outgoing(Outgoing::Disconnect)) => ConnEventKind::Closed(Closed {
                 reason: "shutdown",
                 refused: None,

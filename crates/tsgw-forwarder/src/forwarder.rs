@@ -1,13 +1,19 @@
 //! The forwarder's loop: keeps one connection to ThingSpeak up (with
-//! backoff), and whenever a channel with queued readings is due, merges them
-//! into one update, publishes it, and removes the readings once the update was
-//! written to the connection.
+//! backoff), turns each channel's queued readings into one update per closed
+//! rate-limit window, sends them (MQTT, or REST bulk for a backlog), and
+//! removes the readings once the update is delivered.
 //!
-//! One publish is outstanding at a time. QoS 0 publishes carry no packet id,
-//! so this is what lets an `Outgoing::Publish` event be matched to its update.
-//! Channel updates are seconds apart anyway, so this costs nothing.
+//! Per channel at most one update is outstanding (unconfirmed, or in a bulk
+//! call). That is what makes confirmation sound: if ThingSpeak stored the
+//! outstanding update, it is the channel's newest entry, and subscribing
+//! (again) makes ThingSpeak deliver exactly that entry. See README.md.
+//!
+//! One MQTT publish is in flight at a time over the connection. QoS 0
+//! publishes carry no packet id, so this is what lets an `Outgoing::Publish`
+//! event be matched to its update. Channel updates are a second apart at
+//! best, so this costs nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +21,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 use rumqttc::{AsyncClient, QoS};
 use rustls::ClientConfig;
-use thingspeak::{ChannelId, Topic};
+use thingspeak::{BulkEntry, ChannelId, EntryJson, Topic};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
@@ -23,14 +29,15 @@ use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, QueueKey, ReadingStore};
 
 use crate::backoff::Backoff;
-use crate::batch::{merge, Batch};
-use crate::config::UpstreamConfig;
+use crate::batch::{aggregate, group, Batch, Group, Policies, Rejected};
+use crate::config::{Backfill, UpstreamConfig};
 use crate::connection::{mqtt_options, CONNECT_TIMEOUT_SECS, REQUEST_CHANNEL_CAPACITY};
 use crate::driver::{drive, Closed, ConnEvent, ConnEventKind};
 use crate::error::ForwarderError;
+use crate::rest::{BulkClient, BulkResult};
 use crate::schedule::Schedule;
 
-/// Most readings merged into one update. More wait for the next one.
+/// Most readings looked at per channel and pass. More wait for later passes.
 const PEEK_LIMIT: usize = 10_000;
 /// A connection up this long is stable: the backoff starts over after it drops.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
@@ -42,10 +49,14 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Sleep used when nothing is scheduled (a push or an event wakes us earlier).
 const IDLE: Duration = Duration::from_secs(3600);
-/// ThingSpeak closes a connection without PUBLISH for an hour, without
-/// warning (pings do not count), and a publish racing that close vanishes.
-/// So a connection idle this long is replaced by a fresh one before publishing.
-const RENEW_IDLE_AFTER: Duration = Duration::from_secs(50 * 60);
+/// Checks (subscribe again, wait for the channel's newest entry) that may find
+/// no trace of an update before its readings get a fresh `created_at`. Only
+/// reached when something else writes the channel or owns that timestamp.
+const MAX_PROBES: u32 = 3;
+/// Longest wait after HTTP 429 before the next bulk call.
+const MAX_BULK_BACKOFF: Duration = Duration::from_secs(300);
+/// `created_at` values remembered per channel (for late readings).
+const USED_MEMORY: usize = 4096;
 
 enum Conn {
     Down {
@@ -66,10 +77,58 @@ enum Conn {
     },
 }
 
+/// Where the outstanding update of a channel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// To be (re)sent at the channel's next slot.
+    Ready,
+    /// Handed to the connection, not yet written.
+    Writing,
+    /// Written; waiting for ThingSpeak to relay it back.
+    AwaitEcho { until: Instant },
+    /// Subscribed again to get the channel's newest entry; waiting for it.
+    Probe { until: Instant },
+    /// The connection died after (maybe) writing it: check after reconnecting.
+    InDoubt,
+}
+
+struct Pending {
+    batch: Batch,
+    stage: Stage,
+    /// Times written to a connection.
+    writes: u32,
+    /// Checks that found no trace of it.
+    probes: u32,
+}
+
+/// The connection's subscription of a channel's feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    Requested,
+    Granted,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BulkState {
+    next_at: Instant,
+    busy: bool,
+    backoff: Duration,
+    /// A call was refused for good (bad key...): the channel uses MQTT only.
+    broken: bool,
+}
+
+/// The end of a bulk call, reported by its task.
+struct BulkDone {
+    channel: ChannelId,
+    covered: Vec<QueueKey>,
+    created_at: Vec<DateTime<Utc>>,
+    result: BulkResult,
+}
+
 /// The update handed to the connection and not yet known to be written.
 struct InFlight {
     generation: u64,
-    batch: Batch,
+    channel: ChannelId,
     issued: Instant,
 }
 
@@ -83,11 +142,29 @@ pub(crate) struct Forwarder {
     backoff: Backoff,
     conn: Conn,
     in_flight: Option<InFlight>,
-    last_created_at: HashMap<ChannelId, DateTime<Utc>>,
+    pending: HashMap<ChannelId, Pending>,
+    /// `created_at` values already delivered, per channel.
+    used: HashMap<ChannelId, BTreeSet<DateTime<Utc>>>,
+    /// Subscriptions of the current connection, and SUBSCRIBEs not yet written.
+    subs: HashMap<ChannelId, Sub>,
+    sub_order: VecDeque<ChannelId>,
+    sub_pkids: HashMap<u16, ChannelId>,
+    /// Channels whose subscription ThingSpeak refused: "written" counts.
+    unconfirmable: HashSet<ChannelId>,
+    bulk: Option<BulkClient>,
+    bulk_state: HashMap<ChannelId, BulkState>,
+    bulk_tx: mpsc::Sender<BulkDone>,
+    bulk_rx: mpsc::Receiver<BulkDone>,
+    /// Channels whose backfill falls back to MQTT already logged.
+    no_key_reported: HashSet<ChannelId>,
+    /// Earliest time a channel needs looking at again (skips the queue scan on pushes).
+    next_check: HashMap<ChannelId, Instant>,
     next_generation: u64,
     refusal_reported: bool,
     store_failing: bool,
     renew_idle_after: Duration,
+    confirm_timeout: Duration,
+    started: Instant,
     events_tx: mpsc::Sender<ConnEvent>,
     events_rx: mpsc::Receiver<ConnEvent>,
 }
@@ -96,6 +173,7 @@ impl Forwarder {
     pub(crate) fn new(
         config: UpstreamConfig,
         tls: Option<Arc<ClientConfig>>,
+        bulk: Option<BulkClient>,
         store: Arc<dyn ReadingStore>,
         metrics: Metrics,
     ) -> Self {
@@ -105,8 +183,11 @@ impl Forwarder {
             Duration::from_secs_f64(config.reconnect_min_secs),
             Duration::from_secs_f64(config.reconnect_max_secs),
         );
-        let (events_tx, events_rx) = mpsc::channel(16);
+        let (events_tx, events_rx) = mpsc::channel(64);
+        let (bulk_tx, bulk_rx) = mpsc::channel(16);
         let connection = config.connection_name();
+        let renew_idle_after = config.renew_idle_after();
+        let confirm_timeout = Duration::from_secs_f64(config.confirm_timeout_secs);
         Self {
             config,
             tls,
@@ -117,11 +198,24 @@ impl Forwarder {
             backoff,
             conn: Conn::Down { retry_at: now },
             in_flight: None,
-            last_created_at: HashMap::new(),
+            pending: HashMap::new(),
+            used: HashMap::new(),
+            subs: HashMap::new(),
+            sub_order: VecDeque::new(),
+            sub_pkids: HashMap::new(),
+            unconfirmable: HashSet::new(),
+            bulk,
+            bulk_state: HashMap::new(),
+            bulk_tx,
+            bulk_rx,
+            no_key_reported: HashSet::new(),
+            next_check: HashMap::new(),
             next_generation: 0,
             refusal_reported: false,
             store_failing: false,
-            renew_idle_after: RENEW_IDLE_AFTER,
+            renew_idle_after,
+            confirm_timeout,
+            started: now,
             events_tx,
             events_rx,
         }
@@ -141,7 +235,7 @@ impl Forwarder {
                 }
             }
             self.check_write_timeout(now);
-            let wake = match self.publish_due(now) {
+            let wake = match self.send_due(now) {
                 Ok(wake) => {
                     if self.store_failing {
                         self.store_failing = false;
@@ -157,6 +251,7 @@ impl Forwarder {
                         tracing::error!(error = %e, "forwarder cannot use the queue; retrying every second");
                     }
                     self.store_failing = true;
+                    self.next_check.clear();
                     now + STORE_RETRY
                 }
             };
@@ -168,6 +263,7 @@ impl Forwarder {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(event) = self.events_rx.recv() => self.on_event(event),
+                Some(done) = self.bulk_rx.recv() => self.on_bulk_done(done),
                 _ = pushed.notified() => {}
                 _ = sleep_until(wake) => {}
             }
@@ -207,9 +303,19 @@ impl Forwarder {
             // A connection already given up on (e.g. after a write timeout).
             return;
         }
+        // Any event may unblock any channel (the one publish in flight, a
+        // subscription): look at all of them again.
+        self.next_check.clear();
         match event.kind {
             ConnEventKind::Connected => self.on_connected(),
             ConnEventKind::Written => self.on_written(event.generation),
+            ConnEventKind::SubscribeSent(pkid) => {
+                if let Some(channel) = self.sub_order.pop_front() {
+                    self.sub_pkids.insert(pkid, channel);
+                }
+            }
+            ConnEventKind::SubAck { pkid, granted } => self.on_suback(pkid, granted),
+            ConnEventKind::Message { topic, payload } => self.on_message(&topic, &payload),
             ConnEventKind::Closed(closed) => self.on_closed(closed),
         }
     }
@@ -239,6 +345,7 @@ impl Forwarder {
             other => other,
         };
         self.refusal_reported = false;
+        self.next_check.clear();
         tracing::info!(
             connection = %self.connection,
             transport = self.config.transport.as_str(),
@@ -254,6 +361,10 @@ impl Forwarder {
             .inc();
     }
 
+    fn confirms(&self, channel: ChannelId) -> bool {
+        self.config.confirm && !self.unconfirmable.contains(&channel)
+    }
+
     fn on_written(&mut self, generation: u64) {
         let Some(in_flight) = self.in_flight.take() else {
             tracing::warn!("publish written that the forwarder did not issue; ignoring");
@@ -267,8 +378,12 @@ impl Forwarder {
         if let Conn::Up { last_publish, .. } = &mut self.conn {
             *last_publish = now;
         }
-        let batch = in_flight.batch;
-        let channel = batch.channel;
+        self.written(in_flight.channel, now);
+    }
+
+    /// The update of `channel` was written to the connection.
+    fn written(&mut self, channel: ChannelId, now: Instant) {
+        self.next_check.remove(&channel);
         self.schedule.record(channel, now);
         let label = channel.to_string();
         self.metrics
@@ -278,21 +393,210 @@ impl Forwarder {
         self.metrics
             .upstream_last_publish_timestamp_seconds
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+        let confirms = self.confirms(channel);
+        let timeout = self.confirm_timeout;
+        let Some(p) = self.pending.get_mut(&channel) else {
+            // Confirmed by an echo that overtook the write report.
+            return;
+        };
+        if p.writes > 0 {
+            self.metrics
+                .updates_retried_total
+                .with_label_values(&[&label])
+                .inc();
+        }
+        p.writes += 1;
         tracing::debug!(
             %channel,
-            readings = batch.covered.len(),
-            values = batch.update.values.len(),
+            readings = p.batch.covered.len(),
+            values = p.batch.update.values.len(),
+            created_at = ?p.batch.created_at(),
             "update written"
         );
-        match self.store.remove(&batch.covered) {
+        if confirms {
+            p.stage = Stage::AwaitEcho {
+                until: now + timeout,
+            };
+        } else {
+            self.deliver(channel, false);
+        }
+    }
+
+    /// The outstanding update of `channel` is delivered: its readings leave
+    /// the store and its `created_at` is remembered as taken.
+    fn deliver(&mut self, channel: ChannelId, confirmed: bool) {
+        let Some(p) = self.pending.remove(&channel) else {
+            return;
+        };
+        self.next_check.remove(&channel);
+        let label = channel.to_string();
+        if confirmed {
+            self.metrics
+                .updates_confirmed_total
+                .with_label_values(&[&label])
+                .inc();
+        }
+        match self.store.remove(&p.batch.covered) {
             Ok(()) => {
-                if let Some(t) = batch.update.created_at {
-                    self.last_created_at.insert(channel, t);
+                if let Some(t) = p.batch.created_at() {
+                    self.mark_used(channel, [t]);
                 }
             }
-            // The readings stay and are sent again with the same created_at,
-            // which ThingSpeak rejects as a duplicate if the first one arrived.
-            Err(e) => tracing::error!(%channel, error = %e, "could not remove sent readings"),
+            // The readings stay and form the same window again; ThingSpeak
+            // rejects its created_at as a duplicate and the check finds it.
+            Err(e) => tracing::error!(%channel, error = %e, "could not remove delivered readings"),
+        }
+    }
+
+    fn mark_used(&mut self, channel: ChannelId, times: impl IntoIterator<Item = DateTime<Utc>>) {
+        let used = self.used.entry(channel).or_default();
+        used.extend(times);
+        while used.len() > USED_MEMORY {
+            used.pop_first();
+        }
+    }
+
+    fn on_suback(&mut self, pkid: u16, granted: bool) {
+        let Some(channel) = self.sub_pkids.remove(&pkid) else {
+            return;
+        };
+        self.next_check.remove(&channel);
+        let now = Instant::now();
+        if granted {
+            self.subs.insert(channel, Sub::Granted);
+            if let Some(p) = self.pending.get_mut(&channel) {
+                if p.stage == Stage::InDoubt {
+                    // The newest entry comes right after the SUBACK.
+                    p.stage = Stage::Probe {
+                        until: now + self.confirm_timeout,
+                    };
+                }
+            }
+            return;
+        }
+        self.subs.remove(&channel);
+        self.unconfirmable.insert(channel);
+        tracing::warn!(
+            %channel,
+            "ThingSpeak refused the subscription to the channel's feed: updates of this channel \
+             count as delivered once written (no confirmation); authorise the MQTT device to \
+             subscribe to enable it"
+        );
+        if let Some(p) = self.pending.get_mut(&channel) {
+            match p.stage {
+                Stage::AwaitEcho { .. } | Stage::Probe { .. } => self.deliver(channel, false),
+                Stage::InDoubt => p.stage = Stage::Ready,
+                Stage::Ready | Stage::Writing => {}
+            }
+        }
+    }
+
+    /// An entry relayed on a channel's feed subscription.
+    fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        let channel = match Topic::parse(topic) {
+            Ok(Topic::Subscribe { channel }) => channel,
+            _ => {
+                tracing::debug!(topic, "message on an unexpected topic; ignored");
+                return;
+            }
+        };
+        let entry: EntryJson = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "unreadable entry on the channel feed; ignored");
+                return;
+            }
+        };
+        let Some(p) = self.pending.get_mut(&channel) else {
+            return;
+        };
+        if p.batch.created_at() != Some(entry.created_at) {
+            return;
+        }
+        let same_values = p
+            .batch
+            .update
+            .values
+            .iter()
+            .all(|(target, value)| entry.get(*target) == Some(value.as_str()));
+        if same_values {
+            tracing::debug!(%channel, entry_id = entry.entry_id, "update confirmed");
+            self.deliver(channel, true);
+        } else {
+            // The timestamp belongs to another entry: ours can never be stored
+            // under it. The readings stay and join the next free window.
+            tracing::warn!(
+                %channel,
+                created_at = %thingspeak::format_timestamp(&entry.created_at),
+                "the channel already has a different entry at this created_at; \
+                 the readings move to the next window"
+            );
+            self.pending.remove(&channel);
+            self.mark_used(channel, [entry.created_at]);
+            self.next_check.remove(&channel);
+        }
+    }
+
+    fn on_bulk_done(&mut self, done: BulkDone) {
+        let channel = done.channel;
+        let label = channel.to_string();
+        let now = Instant::now();
+        let interval = Duration::from_secs_f64(self.config.bulk_interval_secs);
+        self.next_check.clear();
+        let state = self.bulk_state.entry(channel).or_insert(BulkState {
+            next_at: now,
+            busy: false,
+            backoff: interval,
+            broken: false,
+        });
+        state.busy = false;
+        match done.result {
+            BulkResult::Accepted => {
+                state.next_at = now + interval;
+                state.backoff = interval;
+                // ThingSpeak counts REST writes against the channel's rate too.
+                self.schedule.record(channel, now);
+                let n = done.created_at.len() as u64;
+                self.metrics
+                    .updates_sent_total
+                    .with_label_values(&[&label])
+                    .inc_by(n);
+                self.metrics
+                    .updates_confirmed_total
+                    .with_label_values(&[&label])
+                    .inc_by(n);
+                tracing::info!(%channel, updates = n, readings = done.covered.len(), "backlog written by a bulk call");
+                match self.store.remove(&done.covered) {
+                    Ok(()) => self.mark_used(channel, done.created_at),
+                    // A repeat is harmless: ThingSpeak skips existing created_at.
+                    Err(e) => {
+                        tracing::error!(%channel, error = %e, "could not remove backfilled readings")
+                    }
+                }
+            }
+            BulkResult::TooFrequent => {
+                state.backoff = (state.backoff * 2).min(MAX_BULK_BACKOFF);
+                state.next_at = now + state.backoff;
+                tracing::warn!(
+                    %channel,
+                    retry_in_secs = state.backoff.as_secs(),
+                    "bulk call answered 429 (too frequent); backing off"
+                );
+            }
+            BulkResult::Refused { status, body } => {
+                state.broken = true;
+                tracing::error!(
+                    %channel,
+                    status,
+                    answer = %body.chars().take(200).collect::<String>(),
+                    "bulk call refused: check upstream.channels.{channel}.write_key; this channel's \
+                     backlog now goes over MQTT"
+                );
+            }
+            BulkResult::Failed(message) => {
+                state.next_at = now + interval;
+                tracing::warn!(%channel, error = %message, "bulk call failed; retrying later");
+            }
         }
     }
 
@@ -318,15 +622,7 @@ impl Forwarder {
                 self.backoff.reset();
             }
         }
-        if let Some(in_flight) = self.in_flight.take() {
-            // The update may or may not have left: count it against the
-            // channel's interval, keep its readings for the next update.
-            self.schedule.record(in_flight.batch.channel, now);
-            tracing::info!(
-                channel = %in_flight.batch.channel,
-                "connection lost before the update was written; it will be resent"
-            );
-        }
+        self.connection_lost(now);
         let jitter: f64 = rand::thread_rng().gen();
         let delay = if closed.is_auth_refusal() {
             if !self.refusal_reported {
@@ -374,6 +670,37 @@ impl Forwarder {
         };
     }
 
+    /// Bookkeeping when a connection ends for whatever reason: subscriptions
+    /// are gone, and updates written on it are in doubt until checked.
+    fn connection_lost(&mut self, now: Instant) {
+        self.subs.clear();
+        self.sub_order.clear();
+        self.sub_pkids.clear();
+        self.next_check.clear();
+        if let Some(in_flight) = self.in_flight.take() {
+            // The update may or may not have left: count it against the
+            // channel's interval.
+            self.schedule.record(in_flight.channel, now);
+            tracing::info!(
+                channel = %in_flight.channel,
+                "connection lost before the update was written; it will be checked and resent"
+            );
+        }
+        let confirm = self.config.confirm;
+        for (channel, p) in self.pending.iter_mut() {
+            let confirms = confirm && !self.unconfirmable.contains(channel);
+            p.stage = match p.stage {
+                // Resending without confirmation is safe: a copy that did
+                // arrive makes ThingSpeak reject the resend's created_at.
+                _ if !confirms => Stage::Ready,
+                Stage::Ready => Stage::Ready,
+                Stage::Writing | Stage::AwaitEcho { .. } | Stage::Probe { .. } | Stage::InDoubt => {
+                    Stage::InDoubt
+                }
+            };
+        }
+    }
+
     /// Gives up on a connection that has not written an update in time.
     fn check_write_timeout(&mut self, now: Instant) {
         let stuck = matches!(
@@ -392,9 +719,313 @@ impl Forwarder {
         }
     }
 
-    /// Publishes the first due channel if the connection is free. Returns when
-    /// to look again.
-    fn publish_due(&mut self, now: Instant) -> Result<Instant, tsgw_core::StoreError> {
+    /// Moves every channel forward as far as it can go now. Returns when to
+    /// look again.
+    fn send_due(&mut self, now: Instant) -> Result<Instant, tsgw_core::StoreError> {
+        let mut wake = now + IDLE;
+        if let Some(f) = &self.in_flight {
+            wake = wake.min(f.issued + WRITE_TIMEOUT);
+        }
+        let mut channels: BTreeSet<ChannelId> = self.store.channels()?.into_iter().collect();
+        channels.extend(self.pending.keys().copied());
+        for channel in channels {
+            if let Some(at) = self.next_check.get(&channel) {
+                if *at > now {
+                    wake = wake.min(*at);
+                    continue;
+                }
+            }
+            let at = self.advance(channel, now)?;
+            // Waits on an event or a push are not cached: the event clears
+            // the cache, and a push must be seen.
+            if at < now + IDLE {
+                self.next_check.insert(channel, at);
+            } else {
+                self.next_check.remove(&channel);
+            }
+            wake = wake.min(at);
+        }
+        Ok(wake.max(now))
+    }
+
+    /// Moves one channel forward; returns when it needs looking at again.
+    fn advance(
+        &mut self,
+        channel: ChannelId,
+        now: Instant,
+    ) -> Result<Instant, tsgw_core::StoreError> {
+        let idle = now + IDLE;
+        if let Some(p) = self.pending.get(&channel) {
+            if p.stage == Stage::Ready && p.writes == 0 {
+                // Never sent: decide afresh (newer windows may have closed,
+                // a bulk call may have become due).
+                self.pending.remove(&channel);
+            } else {
+                return Ok(self.advance_pending(channel, now));
+            }
+        }
+        if self.bulk_state.get(&channel).is_some_and(|b| b.busy) {
+            // Its end is an event, which looks at the channel again.
+            return Ok(idle);
+        }
+        let utc_now = Utc::now();
+        let queued = self.store.peek(channel, PEEK_LIMIT)?;
+        let empty = BTreeSet::new();
+        let used = self.used.get(&channel).unwrap_or(&empty);
+        let (groups, rejected) = group(
+            channel,
+            &queued,
+            self.schedule.interval(channel),
+            used,
+            utc_now,
+        );
+        self.drop_rejected(channel, &rejected)?;
+        let closed: Vec<&Group> = groups.iter().filter(|g| g.is_closed(utc_now)).collect();
+        if closed.is_empty() {
+            return Ok(match groups.first() {
+                Some(g) => now + (g.closes_at - utc_now).to_std().unwrap_or(Duration::ZERO),
+                None => idle,
+            });
+        }
+        let policies = self.config.policies(channel);
+        let batch = match self.backfill_policy(channel) {
+            Backfill::Newest => {
+                if let Some((newest, older)) = closed.split_last() {
+                    self.drop_windows(channel, older)?;
+                    Some(window_batch(channel, &[newest], &policies))
+                } else {
+                    None
+                }
+            }
+            Backfill::Mqtt => {
+                let n = self.config.downsample_after;
+                let merge = if closed.len() > n {
+                    closed.len().div_ceil(n)
+                } else {
+                    1
+                };
+                if merge > 1 {
+                    tracing::info!(%channel, windows = closed.len(), merge, "backlog: merging old windows into one update");
+                }
+                let take = merge.min(closed.len());
+                Some(window_batch(channel, &closed[..take], &policies))
+            }
+            Backfill::Bulk => {
+                let bulk_due = self.bulk_state.get(&channel).map_or(
+                    now >= self.started + Duration::from_secs_f64(self.config.bulk_interval_secs),
+                    |b| now >= b.next_at,
+                );
+                if closed.len() > 1 && bulk_due {
+                    let max = self.config.bulk_max_updates;
+                    let older = &closed[..closed.len() - 1];
+                    let older = &older[..older.len().min(max)];
+                    self.start_bulk(channel, older, &policies);
+                    return Ok(idle);
+                }
+                closed
+                    .last()
+                    .map(|newest| window_batch(channel, &[newest], &policies))
+            }
+        };
+        match batch {
+            Some(batch) if !batch.is_empty() => {
+                self.pending.insert(
+                    channel,
+                    Pending {
+                        batch,
+                        stage: Stage::Ready,
+                        writes: 0,
+                        probes: 0,
+                    },
+                );
+                Ok(self.advance_pending(channel, now))
+            }
+            _ => Ok(now + STORE_RETRY),
+        }
+    }
+
+    /// The backfill policy in force for `channel`: bulk needs a write key and a
+    /// bulk path that was not refused.
+    fn backfill_policy(&mut self, channel: ChannelId) -> Backfill {
+        match self.config.backfill {
+            Backfill::Bulk => {
+                let usable = self.bulk.is_some()
+                    && self.config.write_key(channel).is_some()
+                    && !self.bulk_state.get(&channel).is_some_and(|b| b.broken);
+                if usable {
+                    Backfill::Bulk
+                } else {
+                    if self.no_key_reported.insert(channel) {
+                        tracing::info!(
+                            %channel,
+                            "no upstream.channels.{channel}.write_key: a backlog of this channel is \
+                             sent over MQTT (backfill = \"mqtt\")"
+                        );
+                    }
+                    Backfill::Mqtt
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Removes the readings of windows the `newest` policy gives up on.
+    fn drop_windows(
+        &mut self,
+        channel: ChannelId,
+        windows: &[&Group],
+    ) -> Result<(), tsgw_core::StoreError> {
+        if windows.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<QueueKey> = windows
+            .iter()
+            .flat_map(|g| g.readings.iter().map(|q| q.key))
+            .collect();
+        self.store.remove(&keys)?;
+        self.metrics
+            .updates_dropped_total
+            .with_label_values(&[&channel.to_string(), "backfill_newest"])
+            .inc_by(windows.len() as u64);
+        tracing::warn!(
+            %channel,
+            windows = windows.len(),
+            readings = keys.len(),
+            "backfill = \"newest\": dropped windows older than the newest"
+        );
+        Ok(())
+    }
+
+    fn start_bulk(&mut self, channel: ChannelId, windows: &[&Group], policies: &Policies) {
+        let (Some(client), Some(key)) = (self.bulk.clone(), self.config.write_key(channel)) else {
+            return;
+        };
+        let mut covered = Vec::new();
+        let mut created_at = Vec::new();
+        let mut entries = Vec::new();
+        for g in windows {
+            let b = window_batch(channel, &[g], policies);
+            if b.is_empty() {
+                continue;
+            }
+            entries.push(BulkEntry::from_update(&b.update, g.created_at));
+            covered.extend(b.covered);
+            created_at.push(g.created_at);
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let interval = Duration::from_secs_f64(self.config.bulk_interval_secs);
+        let state = self.bulk_state.entry(channel).or_insert(BulkState {
+            next_at: Instant::now(),
+            busy: false,
+            backoff: interval,
+            broken: false,
+        });
+        state.busy = true;
+        tracing::info!(%channel, updates = entries.len(), "backfilling older windows with a bulk call");
+        let tx = self.bulk_tx.clone();
+        tokio::spawn(async move {
+            let result = client.post(channel, &key, entries).await;
+            let _ = tx
+                .send(BulkDone {
+                    channel,
+                    covered,
+                    created_at,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// Moves the outstanding update of `channel` forward.
+    fn advance_pending(&mut self, channel: ChannelId, now: Instant) -> Instant {
+        let idle = now + IDLE;
+        let Some(stage) = self.pending.get(&channel).map(|p| p.stage) else {
+            return now;
+        };
+        match stage {
+            Stage::Writing => idle,
+            // Subscribing delivers the channel's newest entry: the check. Its
+            // SUBACK (an event) starts the wait for that entry.
+            Stage::InDoubt => match self.subs.get(&channel) {
+                Some(_) => idle,
+                None if matches!(self.conn, Conn::Up { .. }) => {
+                    if self.subscribe(channel) {
+                        idle
+                    } else {
+                        now + STORE_RETRY
+                    }
+                }
+                None => idle,
+            },
+            Stage::AwaitEcho { until } if now < until => until,
+            Stage::AwaitEcho { .. } => {
+                // No echo: check whether ThingSpeak has it (its newest entry)
+                // before sending it again.
+                tracing::debug!(%channel, "no echo in time; checking the channel's newest entry");
+                if self.subscribe(channel) {
+                    let until = now + self.confirm_timeout;
+                    if let Some(p) = self.pending.get_mut(&channel) {
+                        p.stage = Stage::Probe { until };
+                    }
+                    until
+                } else {
+                    now + STORE_RETRY
+                }
+            }
+            Stage::Probe { until } if now < until => until,
+            Stage::Probe { .. } => {
+                let Some(p) = self.pending.get_mut(&channel) else {
+                    return now;
+                };
+                p.probes += 1;
+                if p.probes >= MAX_PROBES {
+                    // Never seen although we are its only writer: the
+                    // timestamp is unusable. The readings stay queued and
+                    // form a window with a fresh created_at.
+                    let created_at = p.batch.created_at();
+                    tracing::warn!(
+                        %channel,
+                        checks = p.probes,
+                        "update never confirmed; its readings get a new created_at"
+                    );
+                    self.pending.remove(&channel);
+                    if let Some(t) = created_at {
+                        self.mark_used(channel, [t]);
+                    }
+                    return now;
+                }
+                tracing::info!(%channel, "update not stored by ThingSpeak; resending it");
+                p.stage = Stage::Ready;
+                self.try_publish(channel, now)
+            }
+            Stage::Ready => self.try_publish(channel, now),
+        }
+    }
+
+    /// Asks for the channel's feed (again). False if the connection cannot take it now.
+    fn subscribe(&mut self, channel: ChannelId) -> bool {
+        let Conn::Up { client, .. } = &self.conn else {
+            return false;
+        };
+        let topic = Topic::Subscribe { channel }.to_string();
+        match client.try_subscribe(topic, QoS::AtMostOnce) {
+            Ok(()) => {
+                self.sub_order.push_back(channel);
+                self.subs.insert(channel, Sub::Requested);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(%channel, error = %e, "could not subscribe now");
+                false
+            }
+        }
+    }
+
+    /// Publishes the ready update of `channel` when the connection, the
+    /// subscription and the channel's interval allow.
+    fn try_publish(&mut self, channel: ChannelId, now: Instant) -> Instant {
         let idle = now + IDLE;
         let (generation, client, last_publish) = match &self.conn {
             Conn::Up {
@@ -403,51 +1034,55 @@ impl Forwarder {
                 last_publish,
                 ..
             } => (*generation, client.clone(), *last_publish),
-            _ => return Ok(idle),
+            // Connecting is an event that looks at every channel again.
+            _ => return idle,
         };
-        if let Some(f) = &self.in_flight {
-            return Ok(f.issued + WRITE_TIMEOUT);
+        if self.in_flight.is_some() {
+            // Its write report is an event that looks again.
+            return idle;
         }
-        let mut wake = idle;
-        for channel in self.store.channels()? {
-            if !self.schedule.is_due(channel, now) {
-                wake = wake.min(self.schedule.due_at(channel));
-                continue;
-            }
-            let queued = self.store.peek(channel, PEEK_LIMIT)?;
-            let batch = merge(
-                channel,
-                &queued,
-                self.last_created_at.get(&channel).copied(),
-                Utc::now(),
-            );
-            self.drop_rejected(&batch)?;
-            if batch.is_empty() {
-                continue;
-            }
-            if now.duration_since(last_publish) >= self.renew_idle_after {
-                self.renew_connection(now);
-                return Ok(now);
-            }
-            let topic = Topic::Publish { channel, key: None }.to_string();
-            let payload = batch.update.encode();
-            match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
-                Ok(()) => {
-                    self.in_flight = Some(InFlight {
-                        generation,
-                        batch,
-                        issued: now,
-                    });
-                    return Ok(now + WRITE_TIMEOUT);
-                }
-                Err(e) => {
-                    // The event loop is gone or full; its driver reports why.
-                    tracing::warn!(%channel, error = %e, "could not hand the update to the connection");
-                    return Ok(now + STORE_RETRY);
+        if self.confirms(channel) {
+            match self.subs.get(&channel) {
+                Some(Sub::Granted) => {}
+                // The SUBACK is an event that looks again.
+                Some(Sub::Requested) => return idle,
+                None => {
+                    return if self.subscribe(channel) {
+                        idle
+                    } else {
+                        now + STORE_RETRY
+                    };
                 }
             }
         }
-        Ok(wake)
+        if !self.schedule.is_due(channel, now) {
+            return self.schedule.due_at(channel);
+        }
+        if now.duration_since(last_publish) >= self.renew_idle_after {
+            self.renew_connection(now);
+            return now;
+        }
+        let Some(p) = self.pending.get_mut(&channel) else {
+            return now;
+        };
+        let topic = Topic::Publish { channel, key: None }.to_string();
+        let payload = p.batch.update.encode();
+        match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
+            Ok(()) => {
+                p.stage = Stage::Writing;
+                self.in_flight = Some(InFlight {
+                    generation,
+                    channel,
+                    issued: now,
+                });
+                idle
+            }
+            Err(e) => {
+                // The event loop is gone or full; its driver reports why.
+                tracing::warn!(%channel, error = %e, "could not hand the update to the connection");
+                now + STORE_RETRY
+            }
+        }
     }
 
     /// Replaces an idle connection ThingSpeak may be about to close by a fresh
@@ -458,8 +1093,8 @@ impl Forwarder {
             task.abort();
             tracing::info!(
                 connection = %self.connection,
-                "renewing a connection idle for {} s before publishing",
-                self.renew_idle_after.as_secs()
+                "renewing a connection idle for {:.0} s before publishing",
+                self.renew_idle_after.as_secs_f64()
             );
             self.metrics
                 .upstream_connected
@@ -470,18 +1105,23 @@ impl Forwarder {
                 .with_label_values(&[&self.connection, "renew_idle"])
                 .inc();
         }
+        self.connection_lost(now);
     }
 
     /// Removes readings that can never be sent, counting and logging each.
-    fn drop_rejected(&self, batch: &Batch) -> Result<(), tsgw_core::StoreError> {
-        if batch.rejected.is_empty() {
+    fn drop_rejected(
+        &self,
+        channel: ChannelId,
+        rejected: &[Rejected],
+    ) -> Result<(), tsgw_core::StoreError> {
+        if rejected.is_empty() {
             return Ok(());
         }
-        let keys: Vec<QueueKey> = batch.rejected.iter().map(|r| r.key).collect();
+        let keys: Vec<QueueKey> = rejected.iter().map(|r| r.key).collect();
         self.store.remove(&keys)?;
-        for r in &batch.rejected {
+        for r in rejected {
             tracing::warn!(
-                channel = %batch.channel,
+                %channel,
                 target = %r.target,
                 seq = r.key.seq,
                 "dropping reading: {}",
@@ -518,7 +1158,14 @@ impl Forwarder {
                         Ok(Some(ConnEvent {
                             generation: g,
                             kind: ConnEventKind::Written,
-                        })) if g == generation => self.on_written(g),
+                        })) if g == generation => {
+                            // Counted; with confirmation the readings stay
+                            // queued (no echo can come now) and the next run
+                            // finds the entry when it checks.
+                            if let Some(f) = self.in_flight.take() {
+                                self.written(f.channel, Instant::now());
+                            }
+                        }
                         Ok(Some(ConnEvent {
                             kind: ConnEventKind::Closed(_),
                             generation: g,
@@ -544,6 +1191,16 @@ impl Forwarder {
     }
 }
 
+/// One update from the readings of `windows` (consecutive, oldest first),
+/// stamped with the first window's `created_at`.
+fn window_batch(channel: ChannelId, windows: &[&Group], policies: &Policies) -> Batch {
+    let created_at = windows
+        .first()
+        .map_or(DateTime::UNIX_EPOCH, |g| g.created_at);
+    let readings: Vec<_> = windows.iter().flat_map(|g| g.readings.iter()).collect();
+    aggregate(channel, created_at, &readings, policies)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -563,6 +1220,7 @@ mod tests {
     }
 
     impl MemStore {
+        /// A reading measured 10 s ago: its window is closed.
         fn push(&self, seq: u64, target: Target, value: Value) {
             let channel = ch();
             self.readings.lock().unwrap().insert(
@@ -571,7 +1229,7 @@ mod tests {
                     channel,
                     target,
                     value,
-                    measured_at: Utc::now(),
+                    measured_at: Utc::now() - chrono::TimeDelta::seconds(10),
                     origin: Origin::new(SourceKind::Serial, "dev"),
                 },
             );
@@ -628,7 +1286,7 @@ mod tests {
         Target::Field(Field::new(1).unwrap())
     }
 
-    fn config() -> UpstreamConfig {
+    fn config(confirm: bool) -> UpstreamConfig {
         UpstreamConfig {
             host: "127.0.0.1".into(),
             transport: Transport::Tcp,
@@ -636,8 +1294,14 @@ mod tests {
             username: "u".into(),
             password: Secret::new("p"),
             update_interval_secs: 1.0,
+            confirm,
+            confirm_timeout_secs: 1.0,
             ..UpstreamConfig::default()
         }
+    }
+
+    fn forwarder(confirm: bool, store: Arc<MemStore>, metrics: Metrics) -> Forwarder {
+        Forwarder::new(config(confirm), None, None, store, metrics)
     }
 
     /// Puts the forwarder into "connected as `generation`" with a client whose
@@ -652,7 +1316,12 @@ mod tests {
             since: Instant::now(),
             last_publish: Instant::now(),
         };
+        f.next_check.clear();
         eventloop
+    }
+
+    fn event(generation: u64, kind: ConnEventKind) -> ConnEvent {
+        ConnEvent { generation, kind }
     }
 
     fn closed() -> ConnEventKind {
@@ -663,54 +1332,84 @@ mod tests {
         })
     }
 
+    fn later(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
+    }
+
+    fn stage(f: &Forwarder) -> Option<Stage> {
+        f.pending.get(&ch()).map(|p| p.stage)
+    }
+
+    /// Subscribes (as the forwarder asks) and grants it as pkid 1.
+    fn grant(f: &mut Forwarder, generation: u64) {
+        f.on_event(event(generation, ConnEventKind::SubscribeSent(1)));
+        f.on_event(event(
+            generation,
+            ConnEventKind::SubAck {
+                pkid: 1,
+                granted: true,
+            },
+        ));
+    }
+
+    fn echo(f: &mut Forwarder, generation: u64, value: &str) {
+        let p = f.pending.get(&ch()).expect("pending update");
+        let mut entry = EntryJson::new(ch(), 7, p.batch.created_at().unwrap());
+        entry.field1 = Some(value.into());
+        f.on_event(event(
+            generation,
+            ConnEventKind::Message {
+                topic: "channels/42/subscribe".into(),
+                payload: serde_json::to_vec(&entry).unwrap().into(),
+            },
+        ));
+    }
+
     #[tokio::test]
     async fn in_doubt_update_keeps_readings_and_stale_writes_are_ignored() {
         let store = Arc::new(MemStore::default());
         store.push(1, field1(), Value::Number(1.0));
         let metrics = Metrics::new();
-        let mut f = Forwarder::new(config(), None, store.clone(), metrics.clone());
+        let mut f = forwarder(false, store.clone(), metrics.clone());
 
         let _loop0 = connect_as(&mut f, 0);
-        let t1 = Instant::now() + Duration::from_secs(2);
-        f.publish_due(t1).unwrap();
-        assert!(f.in_flight.is_some(), "due channel published");
+        f.send_due(later(2)).unwrap();
+        assert_eq!(stage(&f), Some(Stage::Writing), "due channel published");
 
         // The connection dies before the write is reported: readings stay,
         // and the attempt counts against the interval.
-        f.on_event(ConnEvent {
-            generation: 0,
-            kind: closed(),
-        });
+        f.on_event(event(0, closed()));
         assert!(f.in_flight.is_none());
         assert_eq!(store.len(), 1);
+        assert_eq!(stage(&f), Some(Stage::Ready));
         assert!(!f
             .schedule
             .is_due(ch(), Instant::now() + Duration::from_millis(500)));
-        assert!(matches!(f.conn, Conn::Down { .. }));
 
         // Reconnected as generation 1: a late event of generation 0 changes nothing.
         let _loop1 = connect_as(&mut f, 1);
-        f.on_event(ConnEvent {
-            generation: 0,
-            kind: ConnEventKind::Written,
-        });
+        f.on_event(event(0, ConnEventKind::Written));
         assert_eq!(store.len(), 1);
 
         // Not yet due again: nothing is published inside the interval.
-        f.publish_due(Instant::now()).unwrap();
-        assert!(f.in_flight.is_none());
+        f.send_due(Instant::now()).unwrap();
+        assert_eq!(stage(&f), Some(Stage::Ready));
 
-        let t2 = Instant::now() + Duration::from_secs(2);
-        f.publish_due(t2).unwrap();
+        f.send_due(later(2)).unwrap();
         assert_eq!(f.in_flight.as_ref().map(|i| i.generation), Some(1));
-        f.on_event(ConnEvent {
-            generation: 1,
-            kind: ConnEventKind::Written,
-        });
+        f.on_event(event(1, ConnEventKind::Written));
         assert_eq!(store.len(), 0, "removed once written");
         assert_eq!(
             metrics.updates_sent_total.with_label_values(&["42"]).get(),
             1
+        );
+        assert_eq!(
+            metrics
+                .updates_retried_total
+                .with_label_values(&["42"])
+                .get(),
+            0,
+            "never written before"
         );
     }
 
@@ -720,10 +1419,9 @@ mod tests {
         store.push(1, field1(), Value::Text("x".repeat(300)));
         store.push(2, Target::Status, Value::Text("ok".into()));
         let metrics = Metrics::new();
-        let mut f = Forwarder::new(config(), None, store.clone(), metrics.clone());
+        let mut f = forwarder(false, store.clone(), metrics.clone());
         let _loop = connect_as(&mut f, 0);
-        f.publish_due(Instant::now() + Duration::from_secs(2))
-            .unwrap();
+        f.send_due(later(2)).unwrap();
         assert_eq!(store.len(), 1, "overlong reading dropped at once");
         assert_eq!(
             metrics
@@ -732,7 +1430,7 @@ mod tests {
                 .get(),
             1
         );
-        let update = &f.in_flight.as_ref().unwrap().batch.update;
+        let update = &f.pending[&ch()].batch.update;
         assert_eq!(update.get(Target::Status), Some("ok"));
         assert_eq!(update.get(field1()), None);
     }
@@ -742,13 +1440,13 @@ mod tests {
         let store = Arc::new(MemStore::default());
         store.push(1, field1(), Value::Number(1.0));
         let metrics = Metrics::new();
-        let mut f = Forwarder::new(config(), None, store.clone(), metrics.clone());
+        let mut f = forwarder(false, store.clone(), metrics.clone());
         f.renew_idle_after = Duration::from_millis(50);
         let _loop = connect_as(&mut f, 0);
         tokio::time::sleep(Duration::from_millis(60)).await;
 
-        let t = Instant::now() + Duration::from_secs(2);
-        f.publish_due(t).unwrap();
+        let t = later(2);
+        f.send_due(t).unwrap();
         assert!(
             f.in_flight.is_none(),
             "not published on the idle connection"
@@ -767,10 +1465,9 @@ mod tests {
         );
 
         // A fresh connection publishes at once.
-        f.renew_idle_after = RENEW_IDLE_AFTER;
+        f.renew_idle_after = Duration::from_secs(3000);
         let _loop = connect_as(&mut f, 1);
-        f.publish_due(Instant::now() + Duration::from_secs(2))
-            .unwrap();
+        f.send_due(later(2)).unwrap();
         assert!(f.in_flight.is_some());
     }
 
@@ -778,10 +1475,153 @@ mod tests {
     async fn nothing_is_published_while_not_connected() {
         let store = Arc::new(MemStore::default());
         store.push(1, field1(), Value::Number(1.0));
-        let mut f = Forwarder::new(config(), None, store.clone(), Metrics::new());
-        f.publish_due(Instant::now() + Duration::from_secs(60))
-            .unwrap();
+        let mut f = forwarder(false, store.clone(), Metrics::new());
+        f.send_due(later(60)).unwrap();
         assert!(f.in_flight.is_none());
         assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn only_the_matching_echo_confirms() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(5.0));
+        let metrics = Metrics::new();
+        let mut f = forwarder(true, store.clone(), metrics.clone());
+        let _loop = connect_as(&mut f, 0);
+
+        // First the subscription, then the publish.
+        f.send_due(later(2)).unwrap();
+        assert!(
+            f.in_flight.is_none(),
+            "not before the subscription is granted"
+        );
+        grant(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        assert_eq!(stage(&f), Some(Stage::Writing));
+        f.on_event(event(0, ConnEventKind::Written));
+        assert!(matches!(stage(&f), Some(Stage::AwaitEcho { .. })));
+        assert_eq!(store.len(), 1, "written is not delivered");
+
+        // Garbage and other channels' topics change nothing.
+        f.on_event(event(
+            0,
+            ConnEventKind::Message {
+                topic: "channels/42/subscribe".into(),
+                payload: bytes::Bytes::from_static(b"{not json"),
+            },
+        ));
+        assert_eq!(store.len(), 1);
+
+        echo(&mut f, 0, "5");
+        assert_eq!(store.len(), 0, "confirmed by the echo");
+        assert!(f.pending.is_empty());
+        assert_eq!(
+            metrics
+                .updates_confirmed_total
+                .with_label_values(&["42"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_echo_is_checked_then_resent_with_the_same_created_at() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(5.0));
+        let metrics = Metrics::new();
+        let mut f = forwarder(true, store.clone(), metrics.clone());
+        let _loop = connect_as(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        grant(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        f.on_event(event(0, ConnEventKind::Written));
+        let first = f.pending[&ch()].batch.created_at();
+
+        // No echo within the timeout: subscribe again (the check).
+        f.next_check.clear();
+        f.send_due(later(3)).unwrap();
+        assert!(matches!(stage(&f), Some(Stage::Probe { .. })));
+        f.on_event(event(0, ConnEventKind::SubscribeSent(2)));
+        f.on_event(event(
+            0,
+            ConnEventKind::SubAck {
+                pkid: 2,
+                granted: true,
+            },
+        ));
+        // The check brings no such entry: resend at the next slot.
+        f.next_check.clear();
+        f.send_due(later(6)).unwrap();
+        assert_eq!(stage(&f), Some(Stage::Writing));
+        assert_eq!(f.pending[&ch()].batch.created_at(), first);
+        f.on_event(event(0, ConnEventKind::Written));
+        assert_eq!(
+            metrics
+                .updates_retried_total
+                .with_label_values(&["42"])
+                .get(),
+            1
+        );
+        // The connection drops before the echo: checked after reconnecting.
+        f.on_event(event(0, closed()));
+        assert_eq!(stage(&f), Some(Stage::InDoubt));
+        let _loop1 = connect_as(&mut f, 1);
+        f.send_due(later(9)).unwrap();
+        f.on_event(event(1, ConnEventKind::SubscribeSent(3)));
+        f.on_event(event(
+            1,
+            ConnEventKind::SubAck {
+                pkid: 3,
+                granted: true,
+            },
+        ));
+        assert!(matches!(stage(&f), Some(Stage::Probe { .. })));
+        // The newest entry delivered on subscribing is ours: delivered, no resend.
+        echo(&mut f, 1, "5");
+        assert_eq!(store.len(), 0);
+        assert_eq!(
+            metrics.updates_sent_total.with_label_values(&["42"]).get(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn an_entry_with_our_timestamp_but_other_values_moves_the_readings() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(5.0));
+        let mut f = forwarder(true, store.clone(), Metrics::new());
+        let _loop = connect_as(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        grant(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        f.on_event(event(0, ConnEventKind::Written));
+        let first = f.pending[&ch()].batch.created_at().unwrap();
+        echo(&mut f, 0, "999");
+        assert!(f.pending.is_empty());
+        assert_eq!(store.len(), 1, "not delivered");
+        // Next time the readings form a later window.
+        f.send_due(later(4)).unwrap();
+        let second = f.pending[&ch()].batch.created_at().unwrap();
+        assert!(second > first);
+    }
+
+    #[tokio::test]
+    async fn a_refused_subscription_falls_back_to_written_counts() {
+        let store = Arc::new(MemStore::default());
+        store.push(1, field1(), Value::Number(5.0));
+        let mut f = forwarder(true, store.clone(), Metrics::new());
+        let _loop = connect_as(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        f.on_event(event(0, ConnEventKind::SubscribeSent(1)));
+        f.on_event(event(
+            0,
+            ConnEventKind::SubAck {
+                pkid: 1,
+                granted: false,
+            },
+        ));
+        f.send_due(later(2)).unwrap();
+        f.on_event(event(0, ConnEventKind::Written));
+        assert_eq!(store.len(), 0);
     }
 }

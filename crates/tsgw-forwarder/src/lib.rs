@@ -50,6 +50,7 @@ mod connection;
 mod driver;
 mod error;
 mod forwarder;
+mod rest;
 mod schedule;
 
 use std::sync::Arc;
@@ -57,7 +58,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, ReadingStore};
 
-pub use config::{ChannelOverride, Transport, UpstreamConfig};
+pub use batch::Aggregate;
+pub use config::{Backfill, ChannelOverride, Transport, UpstreamConfig};
 pub use error::ForwarderError;
 
 /// Runs the forwarder until `shutdown` is cancelled.
@@ -90,7 +92,36 @@ pub async fn run(
             "update interval is below ThingSpeak's 1 s minimum (paid licence); faster updates are dropped"
         );
     }
-    forwarder::Forwarder::new(config, tls, store, metrics)
+    let bulk = bulk_client(&config, tls.as_ref())?;
+    forwarder::Forwarder::new(config, tls, bulk, store, metrics)
         .run(shutdown)
         .await
+}
+
+/// The REST client for bulk backfill, when the policy and the keys call for it.
+fn bulk_client(
+    config: &UpstreamConfig,
+    mqtt_tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Option<rest::BulkClient>, ForwarderError> {
+    let any_key = config.channels.values().any(|c| c.write_key.is_some());
+    if config.backfill != Backfill::Bulk || !any_key {
+        return Ok(None);
+    }
+    let tls = if config.rest_tls {
+        Some(match mqtt_tls {
+            Some(t) => t.clone(),
+            None => connection::tls_config(config)?,
+        })
+    } else {
+        tracing::warn!(
+            rest_host = %config.rest_host,
+            "REST backfill over plain HTTP as configured: write API keys travel in clear text"
+        );
+        None
+    };
+    Ok(Some(rest::BulkClient::new(
+        config.rest_host.clone(),
+        config.rest_port(),
+        tls,
+    )))
 }

@@ -6,16 +6,16 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, TimeDelta, Utc};
 use thingspeak::{ChannelId, Field, Target};
-use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorHandle};
+use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorHandle, Entry, WriteOrigin};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::{
     Metrics, Origin, QueueKey, Queued, Reading, ReadingStore, Secret, SourceKind, StoreError, Value,
 };
-use tsgw_forwarder::{ForwarderError, Transport, UpstreamConfig};
+use tsgw_forwarder::{Aggregate, ChannelOverride, ForwarderError, Transport, UpstreamConfig};
 
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
@@ -36,6 +36,24 @@ struct Inner {
 
 impl FakeStore {
     fn push(&self, channel: ChannelId, target: Target, value: Value) {
+        self.push_at(channel, target, value, Utc::now());
+    }
+
+    /// Pushes a reading measured at `measured_at`; returns it for bookkeeping.
+    fn push_at(
+        &self,
+        channel: ChannelId,
+        target: Target,
+        value: Value,
+        measured_at: DateTime<Utc>,
+    ) -> Reading {
+        let reading = Reading {
+            channel,
+            target,
+            value,
+            measured_at,
+            origin: Origin::new(SourceKind::Mqtt, "test-device"),
+        };
         {
             let mut inner = self.inner.lock().unwrap();
             inner.next_seq += 1;
@@ -43,18 +61,10 @@ impl FakeStore {
                 channel,
                 seq: inner.next_seq,
             };
-            inner.readings.insert(
-                key,
-                Reading {
-                    channel,
-                    target,
-                    value,
-                    measured_at: Utc::now(),
-                    origin: Origin::new(SourceKind::Mqtt, "test-device"),
-                },
-            );
+            inner.readings.insert(key, reading.clone());
         }
         self.pushed.notify_one();
+        reading
     }
 
     fn len(&self) -> usize {
@@ -150,6 +160,7 @@ fn config(emu: &EmulatorHandle, transport: Transport, interval_secs: f64) -> Ups
         reconnect_min_secs: 0.1,
         reconnect_max_secs: 0.5,
         channels: BTreeMap::new(),
+        ..UpstreamConfig::default()
     }
 }
 
@@ -202,10 +213,12 @@ async fn tls_publish_arrives_merged_and_readings_are_removed() {
     let c = ch(1001);
     let emu = emulator(Duration::from_secs(1), &[c], false).await;
     let store = Arc::new(FakeStore::default());
-    store.push(c, field(1), Value::Number(20.0));
-    store.push(c, field(2), Value::Number(40.0));
-    store.push(c, field(1), Value::Number(21.5));
-    store.push(c, Target::Status, Value::Text("all ok".into()));
+    // All measured within one (closed) 1 s window.
+    let at = Utc::now() - TimeDelta::seconds(5);
+    store.push_at(c, field(1), Value::Number(20.0), at);
+    store.push_at(c, field(2), Value::Number(40.0), at);
+    store.push_at(c, field(1), Value::Number(21.5), at);
+    store.push_at(c, Target::Status, Value::Text("all ok".into()), at);
 
     let fwd = start(config(&emu, Transport::Tls, 1.0), store.clone());
     let entries = emu
@@ -328,8 +341,9 @@ async fn readings_stay_queued_while_down_and_arrive_after_reconnect() {
         thingspeak_emulator::RefuseMode::Close,
     );
     emu.drop_all_connections();
-    store.push(c, field(1), Value::Number(7.0));
-    store.push(c, field(2), Value::Number(8.0));
+    let at = Utc::now();
+    store.push_at(c, field(1), Value::Number(7.0), at);
+    store.push_at(c, field(2), Value::Number(8.0), at);
 
     // While down, the readings are not removed and nothing is stored upstream.
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -446,4 +460,328 @@ async fn invalid_config_is_reported_not_retried() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("upstream.password"), "{err}");
+}
+
+/// The window start (whole seconds) of `at` for a window of `len_ms`.
+fn window_of(at: DateTime<Utc>, len_ms: i64) -> DateTime<Utc> {
+    let start = at.timestamp_millis().div_euclid(len_ms) * len_ms;
+    DateTime::from_timestamp(start.div_euclid(1000), 0).unwrap()
+}
+
+/// What the forwarder must send for `values` (queue order) under `policy`,
+/// computed independently of its code.
+fn expected_aggregate(policy: Aggregate, values: &[f64]) -> String {
+    let x = match policy {
+        Aggregate::Last => *values.last().unwrap(),
+        Aggregate::First => values[0],
+        Aggregate::Mean => values.iter().sum::<f64>() / values.len() as f64,
+        Aggregate::Min => values.iter().copied().fold(f64::MAX, f64::min),
+        Aggregate::Max => values.iter().copied().fold(f64::MIN, f64::max),
+        Aggregate::Sum => values.iter().sum(),
+        Aggregate::Count => values.len() as f64,
+    };
+    Value::Number(x).to_string()
+}
+
+/// Expected entries of one channel: window start -> target -> value.
+fn expected_windows(
+    readings: &[Reading],
+    channel: ChannelId,
+    len_ms: i64,
+    policy: impl Fn(Target) -> Aggregate,
+) -> BTreeMap<DateTime<Utc>, BTreeMap<Target, String>> {
+    let mut raw: BTreeMap<DateTime<Utc>, BTreeMap<Target, Vec<f64>>> = BTreeMap::new();
+    for r in readings.iter().filter(|r| r.channel == channel) {
+        let v = r.value.as_f64().unwrap();
+        raw.entry(window_of(r.measured_at, len_ms))
+            .or_default()
+            .entry(r.target)
+            .or_default()
+            .push(v);
+    }
+    raw.into_iter()
+        .map(|(w, targets)| {
+            let values = targets
+                .into_iter()
+                .map(|(t, vs)| (t, expected_aggregate(policy(t), &vs)))
+                .collect();
+            (w, values)
+        })
+        .collect()
+}
+
+/// The emulator's entries of one channel in the same shape; fails on a
+/// repeated created_at.
+fn actual_windows(
+    entries: &[Entry],
+    targets: &[Target],
+) -> BTreeMap<DateTime<Utc>, BTreeMap<Target, String>> {
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let values = targets
+            .iter()
+            .filter_map(|t| e.get(*t).map(|v| (*t, v.to_owned())))
+            .collect();
+        assert!(
+            out.insert(e.created_at(), values).is_none(),
+            "two entries at {}",
+            e.created_at()
+        );
+    }
+    out
+}
+
+async fn wait_long(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_hz_on_three_channels_gives_exact_window_aggregates_without_rate_limit_drops() {
+    let chans = [ch(6001), ch(6002), ch(6003)];
+    let emu = emulator(Duration::from_secs(2), &chans, false).await;
+    let store = Arc::new(FakeStore::default());
+    let mut cfg = config(&emu, Transport::Tls, 2.0);
+    let policies = [
+        (Aggregate::Mean, Aggregate::Max),
+        (Aggregate::Sum, Aggregate::Count),
+        (Aggregate::First, Aggregate::Min),
+    ];
+    for (c, (p1, p2)) in chans.iter().zip(policies) {
+        cfg.channels.insert(
+            c.to_string(),
+            ChannelOverride {
+                aggregate: BTreeMap::from([("field1".into(), p1), ("field2".into(), p2)]),
+                ..ChannelOverride::default()
+            },
+        );
+    }
+    let fwd = start(cfg, store.clone());
+
+    // 6 s of readings at 10 Hz on each channel, two fields each.
+    let mut pushed = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..60u32 {
+        tick.tick().await;
+        for (n, c) in chans.iter().enumerate() {
+            let a = f64::from((i * 7) % 13) + 0.25 * n as f64;
+            let b = f64::from(i) * 1.5 - 20.0;
+            let now = Utc::now();
+            pushed.push(store.push_at(*c, field(1), Value::Number(a), now));
+            pushed.push(store.push_at(*c, field(2), Value::Number(b), now));
+        }
+    }
+    wait_long("every window sent", Duration::from_secs(30), || {
+        store.len() == 0
+    })
+    .await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+
+    let counters = emu.counters();
+    assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
+    assert_eq!(counters.rejected_duplicate_timestamp, 0, "{counters:?}");
+    let mut total = 0;
+    for (c, (p1, p2)) in chans.iter().zip(policies) {
+        let policy = |t: Target| if t == field(1) { p1 } else { p2 };
+        let expected = expected_windows(&pushed, *c, 2000, policy);
+        let actual = actual_windows(&emu.entries(*c), &[field(1), field(2)]);
+        assert!(expected.len() >= 3, "{} windows", expected.len());
+        assert_eq!(actual, expected, "channel {c} ({p1:?}, {p2:?})");
+        assert_eq!(
+            metrics
+                .updates_confirmed_total
+                .with_label_values(&[&c.to_string()])
+                .get(),
+            expected.len() as u64
+        );
+        total += expected.len();
+    }
+    assert_eq!(counters.accepted, total as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silently_dropped_updates_are_resent_until_confirmed_and_never_duplicated() {
+    let c = ch(7001);
+    let emu = emulator(Duration::from_secs(1), &[c], false).await;
+    // The first two publishes vanish, then a quarter of them at random.
+    emu.drop_next_publishes(2);
+    emu.set_publish_drop_probability(0.25);
+    let store = Arc::new(FakeStore::default());
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.confirm_timeout_secs = 1.0;
+    let fwd = start(cfg, store.clone());
+
+    let mut pushed = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    for i in 0..30u32 {
+        tick.tick().await;
+        pushed.push(store.push_at(c, field(1), Value::Number(f64::from(i)), Utc::now()));
+    }
+    wait_long("every window confirmed", Duration::from_secs(60), || {
+        store.len() == 0
+    })
+    .await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+
+    let expected = expected_windows(&pushed, c, 1000, |_| Aggregate::Last);
+    let actual = actual_windows(&emu.entries(c), &[field(1)]);
+    assert_eq!(
+        actual, expected,
+        "every window exactly once, with its last value"
+    );
+    let counters = emu.counters();
+    assert!(counters.dropped_fault >= 2, "{counters:?}");
+    let label = c.to_string();
+    let retried = metrics
+        .updates_retried_total
+        .with_label_values(&[&label])
+        .get();
+    assert!(retried >= 2, "{retried} resends");
+    assert_eq!(
+        metrics
+            .updates_confirmed_total
+            .with_label_values(&[&label])
+            .get(),
+        expected.len() as u64
+    );
+    assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_backlog_is_backfilled_by_bulk_calls_while_live_updates_continue() {
+    let c = ch(8001);
+    let key = "WRITEKEY00008001";
+    let emu = Emulator::builder()
+        .tls("127.0.0.1:0")
+        .https("127.0.0.1:0")
+        .default_interval(Duration::from_secs(1))
+        .bulk_interval(Duration::from_secs(2))
+        .channel(ChannelSpec::new(c, key, "READKEY000008001"))
+        .device(DeviceSpec::new("gw-client", "gw-user", "gw-pass", [c]))
+        .start()
+        .await
+        .expect("emulator starts");
+    let store = Arc::new(FakeStore::default());
+
+    // What a 20 s outage leaves in the queue: readings at 5 Hz, none sent.
+    let started = Utc::now();
+    let mut pushed = Vec::new();
+    for i in 0..100i64 {
+        let at = started - TimeDelta::milliseconds(20_000 - i * 200);
+        pushed.push(store.push_at(c, field(1), Value::Number(i as f64), at));
+    }
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.rest_host = "127.0.0.1".into();
+    cfg.rest_port = Some(emu.https_addr().unwrap().port());
+    cfg.bulk_interval_secs = 2.0;
+    cfg.channels.insert(
+        c.to_string(),
+        ChannelOverride {
+            write_key: Some(Secret::new(key)),
+            ..ChannelOverride::default()
+        },
+    );
+    let fwd = start(cfg, store.clone());
+
+    // Live readings go on for 8 s.
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    for i in 100..140i64 {
+        tick.tick().await;
+        pushed.push(store.push_at(c, field(1), Value::Number(i as f64), Utc::now()));
+    }
+    wait_long(
+        "backlog and live data sent",
+        Duration::from_secs(30),
+        || store.len() == 0,
+    )
+    .await;
+    fwd.stop().await;
+
+    let entries = emu.entries(c);
+    let expected = expected_windows(&pushed, c, 1000, |_| Aggregate::Last);
+    assert_eq!(actual_windows(&entries, &[field(1)]), expected);
+    let bulk: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.origin == WriteOrigin::Bulk)
+        .collect();
+    let live: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.origin == WriteOrigin::Mqtt)
+        .collect();
+    // Nearly all 20 outage windows by bulk, with their original timestamps.
+    let outage_windows = expected
+        .keys()
+        .filter(|w| **w < window_of(started, 1000))
+        .count();
+    let bulk_outage = bulk
+        .iter()
+        .filter(|e| e.created_at() < window_of(started, 1000))
+        .count();
+    assert!(
+        bulk_outage >= outage_windows - 2,
+        "{bulk_outage} of {outage_windows} outage windows by bulk"
+    );
+    // Live windows kept going over MQTT meanwhile.
+    let live_after_start = live
+        .iter()
+        .filter(|e| e.created_at() >= window_of(started, 1000))
+        .count();
+    assert!(
+        live_after_start >= 4,
+        "{live_after_start} live updates over MQTT"
+    );
+    let counters = emu.counters();
+    assert!(counters.bulk_calls >= 1, "{counters:?}");
+    assert_eq!(counters.bulk_rejected, 0, "{counters:?}");
+    assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_readings_survive_many_idle_renewals() {
+    let c = ch(9001);
+    let emu = Emulator::builder()
+        .tls("127.0.0.1:0")
+        .idle_timeout(Duration::from_secs(3))
+        .default_interval(Duration::from_secs(1))
+        .channel(ChannelSpec::new(c, "W9001", "R9001"))
+        .device(DeviceSpec::new("gw-client", "gw-user", "gw-pass", [c]))
+        .start()
+        .await
+        .expect("emulator starts");
+    let store = Arc::new(FakeStore::default());
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.idle_timeout_secs = 3.0;
+    let fwd = start(cfg, store.clone());
+    let mut pushed = Vec::new();
+    for i in 0..5u32 {
+        pushed.push(store.push_at(c, field(1), Value::Number(f64::from(i)), Utc::now()));
+        tokio::time::sleep(Duration::from_millis(3700)).await;
+    }
+    wait_long("all delivered", Duration::from_secs(20), || {
+        store.len() == 0
+    })
+    .await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+    let expected = expected_windows(&pushed, c, 1000, |_| Aggregate::Last);
+    assert_eq!(actual_windows(&emu.entries(c), &[field(1)]), expected);
+    let conn = format!("127.0.0.1:{}", emu.tls_addr().unwrap().port());
+    let renewed = metrics
+        .upstream_disconnects_total
+        .with_label_values(&[&conn, "renew_idle"])
+        .get();
+    let counters = emu.counters();
+    assert!(
+        renewed + counters.closed_idle >= 3,
+        "{renewed} renewals, {counters:?}"
+    );
+    assert_eq!(counters.closed_invalid, 0);
 }
