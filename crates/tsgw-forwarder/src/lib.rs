@@ -1,12 +1,15 @@
 //! The forwarder: the only code that talks to ThingSpeak.
 //!
-//! It reads queued readings through [`tsgw_core::ReadingStore`], merges the
-//! readings of each channel into one update at most once per interval,
-//! publishes it over MQTT (TLS by default) and removes the readings from the
-//! store only once the update was written to the connection.
+//! It reads queued readings through [`tsgw_core::ReadingStore`], groups each
+//! channel's readings into rate-limit windows by measurement time, aggregates
+//! each target per policy into one update per window (`created_at` = window
+//! start), sends it over MQTT (TLS by default) or, for a backlog, through the
+//! REST bulk-write call, and removes the readings once the update counts as
+//! delivered: echoed back by ThingSpeak (`confirm = true`, default) or written
+//! to the connection (`confirm = false`). README.md states the guarantees.
 //!
-//! Public API: [`UpstreamConfig`] (+ [`Transport`], [`ChannelOverride`]),
-//! [`run`], [`ForwarderError`].
+//! Public API: [`UpstreamConfig`] (+ [`Transport`], [`ChannelOverride`],
+//! [`Backfill`], [`Aggregate`]), [`run`], [`ForwarderError`].
 //!
 //! ```toml
 //! [upstream]                     # every key optional except the credentials
@@ -18,30 +21,26 @@
 //! username = "..."
 //! password = "..."
 //! update_interval_secs = 15      # free licence; 1 on paid licences
-//! [upstream.channels.1234567]
+//! aggregate = { field1 = "mean" }  # last (default) | first | mean | min | max | sum | count
+//! confirm = true                 # delivered = echoed back on channels/<id>/subscribe
+//! confirm_timeout_secs = 10
+//! idle_timeout_secs = 3600       # broker's idle limit; renewed at 5/6 of it
+//! backfill = "bulk"              # bulk | mqtt | newest
+//! downsample_after = 60          # mqtt: merge windows when more wait
+//! rest_host = "api.thingspeak.com"
+//! bulk_interval_secs = 15
+//! bulk_max_updates = 960
+//! [upstream.channels."1234567"]
 //! update_interval_secs = 1
+//! aggregate = { field2 = "max" }
+//! write_key = "..."              # for bulk backfill
 //! ```
 //!
-//! Behaviour worth knowing:
-//! - At most one update per channel per interval (plus 100 ms margin), also
-//!   across reconnects. A channel's first update after start waits one
-//!   interval, in case the previous run updated it just before stopping.
-//! - All readings of a channel waiting in the store become one update: the
-//!   last value of each target, `created_at` = newest measurement (seconds,
-//!   strictly increasing per channel).
-//! - Readings leave the store only after their update was written to the
-//!   connection. If the connection drops first, they are sent after reconnect.
-//! - A connection without a PUBLISH for 50 minutes is replaced before the
-//!   next update: ThingSpeak closes it at 60 without warning, and a publish
-//!   racing that close would vanish.
-//! - Reconnects back off exponentially with jitter; a refused CONNECT
-//!   (bad credentials, not authorised) is logged once at error level and
-//!   retried at the maximum backoff.
-//!
 //! Modules: `config` (settings), `connection` (rumqttc options, TLS trust),
-//! `driver` (one connection's event loop), `batch` (readings → update, pure),
-//! `schedule` (per-channel interval bookkeeping, pure), `backoff` (reconnect
-//! delays, pure), `forwarder` (the loop tying them together).
+//! `driver` (one connection's event loop), `batch` (windows and aggregation,
+//! pure), `schedule` (per-channel interval bookkeeping, pure), `backoff`
+//! (reconnect delays, pure), `rest` (bulk-write HTTP client), `forwarder` (the
+//! loop and the per-channel delivery state machine).
 
 mod backoff;
 mod batch;

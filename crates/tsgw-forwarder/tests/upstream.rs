@@ -785,3 +785,133 @@ async fn sparse_readings_survive_many_idle_renewals() {
     );
     assert_eq!(counters.closed_invalid, 0);
 }
+
+/// Pushes `n` readings at 5 Hz ending now (a backlog), field1 = 0..n.
+fn seed_backlog(store: &FakeStore, c: ChannelId, n: i64) -> (DateTime<Utc>, Vec<Reading>) {
+    let now = Utc::now();
+    let readings = (0..n)
+        .map(|i| {
+            let at = now - TimeDelta::milliseconds((n - i) * 200);
+            store.push_at(c, field(1), Value::Number(i as f64), at)
+        })
+        .collect();
+    (now, readings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_newest_sends_only_the_newest_window_and_counts_the_rest() {
+    let c = ch(8101);
+    let emu = emulator(Duration::from_secs(1), &[c], false).await;
+    let store = Arc::new(FakeStore::default());
+    let (_, pushed) = seed_backlog(&store, c, 50);
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.backfill = tsgw_forwarder::Backfill::Newest;
+    let fwd = start(cfg, store.clone());
+    wait_long("backlog handled", Duration::from_secs(20), || {
+        store.len() == 0
+    })
+    .await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+    let windows = expected_windows(&pushed, c, 1000, |_| Aggregate::Last);
+    let entries = emu.entries(c);
+    // The newest closed window when the channel first became due, plus at
+    // most the still-open one that closed later.
+    assert!(
+        (1..=2).contains(&entries.len()),
+        "{} entries",
+        entries.len()
+    );
+    let last = entries.last().unwrap();
+    assert_eq!(last.get(field(1)), Some("49"), "the newest data is kept");
+    let dropped = metrics
+        .updates_dropped_total
+        .with_label_values(&[&c.to_string(), "backfill_newest"])
+        .get();
+    assert_eq!(dropped as usize + entries.len(), windows.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_mqtt_downsamples_a_long_backlog_and_keeps_every_reading_covered() {
+    let c = ch(8201);
+    let emu = emulator(Duration::from_secs(1), &[c], false).await;
+    let store = Arc::new(FakeStore::default());
+    let (_, pushed) = seed_backlog(&store, c, 60); // 12-13 windows of 1 s
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.backfill = tsgw_forwarder::Backfill::Mqtt;
+    cfg.downsample_after = 4;
+    cfg.channels.insert(
+        c.to_string(),
+        ChannelOverride {
+            aggregate: BTreeMap::from([("field1".into(), Aggregate::Count)]),
+            ..ChannelOverride::default()
+        },
+    );
+    let fwd = start(cfg, store.clone());
+    wait_long("backlog sent", Duration::from_secs(30), || store.len() == 0).await;
+    fwd.stop().await;
+    let windows = expected_windows(&pushed, c, 1000, |_| Aggregate::Count);
+    let entries = emu.entries(c);
+    assert!(
+        entries.len() < windows.len(),
+        "{} updates for {} windows: merged",
+        entries.len(),
+        windows.len()
+    );
+    // "count" adds up to every reading exactly once; timestamps rise.
+    let counted: u64 = entries
+        .iter()
+        .map(|e| e.get(field(1)).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(counted, 60);
+    assert!(entries
+        .windows(2)
+        .all(|w| w[0].created_at() < w[1].created_at()));
+    assert_eq!(entries[0].created_at(), *windows.keys().next().unwrap());
+    assert_eq!(emu.counters().dropped_rate_limit, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_calls_back_off_on_429_and_succeed_later() {
+    let c = ch(8301);
+    let key = "WRITEKEY00008301";
+    // The emulator wants 3 s between bulk calls; the gateway is told 0.5 s.
+    let emu = Emulator::builder()
+        .tls("127.0.0.1:0")
+        .https("127.0.0.1:0")
+        .default_interval(Duration::from_secs(1))
+        .bulk_interval(Duration::from_secs(3))
+        .channel(ChannelSpec::new(c, key, "READKEY000008301"))
+        .device(DeviceSpec::new("gw-client", "gw-user", "gw-pass", [c]))
+        .start()
+        .await
+        .expect("emulator starts");
+    let store = Arc::new(FakeStore::default());
+    let (_, mut pushed) = seed_backlog(&store, c, 30);
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.rest_host = "127.0.0.1".into();
+    cfg.rest_port = Some(emu.https_addr().unwrap().port());
+    cfg.bulk_interval_secs = 0.5;
+    cfg.channels.insert(
+        c.to_string(),
+        ChannelOverride {
+            write_key: Some(Secret::new(key)),
+            ..ChannelOverride::default()
+        },
+    );
+    let fwd = start(cfg, store.clone());
+    // More backlog-making live data for 6 s.
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    for i in 30..60i64 {
+        tick.tick().await;
+        pushed.push(store.push_at(c, field(1), Value::Number(i as f64), Utc::now()));
+    }
+    wait_long("all sent", Duration::from_secs(30), || store.len() == 0).await;
+    fwd.stop().await;
+    let expected = expected_windows(&pushed, c, 1000, |_| Aggregate::Last);
+    assert_eq!(actual_windows(&emu.entries(c), &[field(1)]), expected);
+    let k = emu.counters();
+    assert!(k.bulk_calls >= 2, "{k:?}");
+    // Rejected calls back off (0.5, 1, 2 s...): a handful, not a loop.
+    assert!((1..=6).contains(&k.bulk_rejected), "{k:?}");
+}
