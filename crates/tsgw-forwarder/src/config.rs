@@ -76,6 +76,44 @@ impl Transport {
     }
 }
 
+/// How a connection authenticates, and so which topics it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auth {
+    /// An MQTT device of the current API (client id, username, password):
+    /// `channels/<id>/publish`, `channels/<id>/subscribe`.
+    #[default]
+    Device,
+    /// The legacy API: the channel's write key in the publish topic
+    /// (`channels/<id>/publish/<writeKey>`); username/password optional (any
+    /// username plus the account's MQTT API key allows subscribing with
+    /// `channels/<id>/subscribe/json/<readKey>`).
+    Legacy,
+}
+
+impl Auth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Auth::Device => "device",
+            Auth::Legacy => "legacy",
+        }
+    }
+}
+
+/// One more credential set with the channels it serves (one connection each).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub client_id: String,
+    #[serde(deserialize_with = "string_or_number")]
+    pub username: String,
+    pub password: Secret,
+    pub auth: Auth,
+    /// Channel ids this connection writes; no channel may be in two connections.
+    pub channels: Vec<ChannelId>,
+}
+
 /// Settings for one channel that differ from the defaults.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -85,8 +123,12 @@ pub struct ChannelOverride {
     /// Aggregation per target (`field1` .. `field8`, `status`, `lat`, `long`,
     /// `elevation`), over `upstream.aggregate`.
     pub aggregate: BTreeMap<String, Aggregate>,
-    /// The channel's Write API key: needed for bulk backfill over REST.
+    /// The channel's Write API key: needed for bulk backfill over REST and
+    /// for legacy auth.
     pub write_key: Option<Secret>,
+    /// The channel's Read API key: legacy auth subscribes with it to confirm
+    /// (not needed for a public channel).
+    pub read_key: Option<Secret>,
 }
 
 /// Connection to ThingSpeak and the update schedule.
@@ -105,6 +147,11 @@ pub struct UpstreamConfig {
     #[serde(deserialize_with = "string_or_number")]
     pub username: String,
     pub password: Secret,
+    /// `device` (default) or `legacy` (write key in the topic).
+    pub auth: Auth,
+    /// More credential sets, one connection each, for the channels they list.
+    /// The credentials above (if set) serve every channel not listed here.
+    pub connections: Vec<ConnectionConfig>,
     pub keep_alive_secs: u64,
     /// Minimum seconds between two updates of one channel (free licence: 15).
     pub update_interval_secs: f64,
@@ -149,6 +196,8 @@ impl Default for UpstreamConfig {
             client_id: String::new(),
             username: String::new(),
             password: Secret::default(),
+            auth: Auth::Device,
+            connections: Vec::new(),
             keep_alive_secs: 60,
             update_interval_secs: 15.0,
             reconnect_min_secs: 1.0,
@@ -184,6 +233,38 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
         Raw::Int(n) => n.to_string(),
         Raw::UInt(n) => n.to_string(),
     })
+}
+
+fn check_credentials(
+    prefix: &str,
+    client_id: &str,
+    username: &str,
+    password: &Secret,
+    auth: Auth,
+) -> Result<(), ForwarderError> {
+    if client_id.is_empty() {
+        return Err(bad(
+            &format!("{prefix}client_id"),
+            "must be set (the MQTT device's client id from ThingSpeak)",
+        ));
+    }
+    if auth == Auth::Legacy {
+        // Legacy publishers need no credentials (the write key is in the topic).
+        return Ok(());
+    }
+    if username.is_empty() {
+        return Err(bad(
+            &format!("{prefix}username"),
+            "must be set (the MQTT device's username from ThingSpeak)",
+        ));
+    }
+    if password.is_empty() {
+        return Err(bad(
+            &format!("{prefix}password"),
+            "must be set (the MQTT device's password from ThingSpeak)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_policies(key: &str, map: &BTreeMap<String, Aggregate>) -> Result<(), ForwarderError> {
@@ -238,23 +319,39 @@ impl UpstreamConfig {
         if self.port == Some(0) {
             return Err(bad("port", "must be 1..65535"));
         }
-        if self.client_id.is_empty() {
-            return Err(bad(
-                "client_id",
-                "must be set (the MQTT device's client id from ThingSpeak)",
-            ));
+        if self.has_primary() {
+            check_credentials(
+                "",
+                &self.client_id,
+                &self.username,
+                &self.password,
+                self.auth,
+            )?;
         }
-        if self.username.is_empty() {
-            return Err(bad(
-                "username",
-                "must be set (the MQTT device's username from ThingSpeak)",
-            ));
-        }
-        if self.password.is_empty() {
-            return Err(bad(
-                "password",
-                "must be set (the MQTT device's password from ThingSpeak)",
-            ));
+        let mut seen = BTreeMap::new();
+        for (i, c) in self.connections.iter().enumerate() {
+            let prefix = format!("connections[{i}].");
+            check_credentials(&prefix, &c.client_id, &c.username, &c.password, c.auth)?;
+            if c.channels.is_empty() {
+                return Err(bad(
+                    &format!("{prefix}channels"),
+                    "must list at least one channel id",
+                ));
+            }
+            for ch in &c.channels {
+                if let Some(j) = seen.insert(*ch, i) {
+                    return Err(bad(
+                        &format!("{prefix}channels"),
+                        format!("channel {ch} is already served by connections[{j}]"),
+                    ));
+                }
+                if c.auth == Auth::Legacy && self.write_key(*ch).is_none() {
+                    return Err(bad(
+                        &format!("channels.\"{ch}\".write_key"),
+                        format!("must be set: connections[{i}] uses legacy auth (write key in the topic)"),
+                    ));
+                }
+            }
         }
         if self.keep_alive_secs == 0 || self.keep_alive_secs > MAX_KEEP_ALIVE_SECS {
             return Err(bad(
@@ -337,6 +434,43 @@ impl UpstreamConfig {
             .filter_map(|(t, a)| Some((t.parse::<Target>().ok()?, *a)))
             .collect();
         Policies { by_target }
+    }
+
+    /// True when the top-level credentials make a connection: always without
+    /// `[[upstream.connections]]`, otherwise when `client_id` is set.
+    pub fn has_primary(&self) -> bool {
+        self.connections.is_empty() || !self.client_id.is_empty()
+    }
+
+    /// Channels served by the extra connections.
+    pub fn listed_channels(&self) -> std::collections::BTreeSet<ChannelId> {
+        self.connections
+            .iter()
+            .flat_map(|c| c.channels.iter().copied())
+            .collect()
+    }
+
+    /// The config one connection runs with: `index` None for the top-level
+    /// credentials, else the `connections` entry. Call after validate.
+    pub fn for_connection(&self, index: Option<usize>) -> UpstreamConfig {
+        let mut c = self.clone();
+        if let Some(extra) = index.and_then(|i| self.connections.get(i)) {
+            c.client_id = extra.client_id.clone();
+            c.username = extra.username.clone();
+            c.password = extra.password.clone();
+            c.auth = extra.auth;
+        }
+        c.connections.clear();
+        c
+    }
+
+    /// The read API key of `channel`, if configured.
+    pub fn read_key(&self, channel: ChannelId) -> Option<thingspeak::ReadKey> {
+        self.channels
+            .iter()
+            .find(|(id, _)| id.parse::<ChannelId>().ok() == Some(channel))
+            .and_then(|(_, o)| o.read_key.as_ref())
+            .and_then(|k| thingspeak::ReadKey::new(k.expose()).ok())
     }
 
     /// The write API key of `channel`, if configured.
@@ -461,6 +595,59 @@ mod tests {
         assert!(d.confirm);
         assert_eq!(d.backfill, Backfill::Bulk);
         assert_eq!(d.renew_idle_after(), Duration::from_secs(3000));
+    }
+
+    #[test]
+    fn extra_connections_and_legacy_auth() {
+        let c: UpstreamConfig = toml::from_str(
+            r#"
+            [[connections]]
+            client_id = "a"
+            username = "ua"
+            password = "pa"
+            channels = [1, 2]
+            [[connections]]
+            client_id = "legacy-gw"
+            auth = "legacy"
+            channels = [3]
+            [channels.3]
+            write_key = "WRITEKEY3"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(!c.has_primary(), "no top-level credentials");
+        assert_eq!(c.listed_channels().len(), 3);
+        let second = c.for_connection(Some(1));
+        assert_eq!(second.auth, Auth::Legacy);
+        assert_eq!(second.client_id, "legacy-gw");
+        assert!(second.connections.is_empty());
+
+        let mut dup = c.clone();
+        dup.connections[1].channels.push(ChannelId::new(2).unwrap());
+        match dup.validate() {
+            Err(ForwarderError::Config { key, message }) => {
+                assert_eq!(key, "upstream.connections[1].channels");
+                assert!(message.contains("connections[0]"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut nokey = c.clone();
+        nokey.channels.clear();
+        match nokey.validate() {
+            Err(ForwarderError::Config { key, .. }) => {
+                assert_eq!(key, "upstream.channels.\"3\".write_key")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut nopw = c;
+        nopw.connections[0].password = Secret::default();
+        match nopw.validate() {
+            Err(ForwarderError::Config { key, .. }) => {
+                assert_eq!(key, "upstream.connections[0].password")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 use thingspeak::limits::MAX_MESSAGE_BYTES;
 
-use crate::config::{Transport, UpstreamConfig};
+use crate::config::{Auth, Transport, UpstreamConfig};
 use crate::error::ForwarderError;
 
 /// Requests rumqttc may buffer. Kept tiny on purpose: with clean session it
@@ -100,10 +100,25 @@ pub fn mqtt_options(
     options
         .set_clean_session(true)
         .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
-        .set_credentials(config.username.clone(), config.password.expose())
         .set_request_channel_capacity(REQUEST_CHANNEL_CAPACITY)
         // Outgoing: one channel update plus topic. Incoming: acks and pings only.
         .set_max_packet_size(16 * 1024, MAX_MESSAGE_BYTES + 256);
+    match config.auth {
+        Auth::Device => {
+            options.set_credentials(config.username.clone(), config.password.expose());
+        }
+        // Legacy: a username plus the account's MQTT API key may subscribe;
+        // a publisher with write keys in its topics needs no credentials.
+        Auth::Legacy if !config.password.is_empty() => {
+            let username = if config.username.is_empty() {
+                config.client_id.clone()
+            } else {
+                config.username.clone()
+            };
+            options.set_credentials(username, config.password.expose());
+        }
+        Auth::Legacy => {}
+    }
     let transport = match (config.transport, tls) {
         (Transport::Tls, Some(tls)) => {
             rumqttc::Transport::tls_with_config(TlsConfiguration::Rustls(tls))

@@ -30,7 +30,7 @@ use tsgw_core::{Metrics, QueueKey, ReadingStore};
 
 use crate::backoff::Backoff;
 use crate::batch::{aggregate, group, Batch, Group, Policies, Rejected};
-use crate::config::{Backfill, UpstreamConfig};
+use crate::config::{Auth, Backfill, UpstreamConfig};
 use crate::connection::{mqtt_options, CONNECT_TIMEOUT_SECS, REQUEST_CHANNEL_CAPACITY};
 use crate::driver::{drive, Closed, ConnEvent, ConnEventKind};
 use crate::error::ForwarderError;
@@ -50,9 +50,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Sleep used when nothing is scheduled (a push or an event wakes us earlier).
 const IDLE: Duration = Duration::from_secs(3600);
 /// Checks (subscribe again, wait for the channel's newest entry) that may find
-/// no trace of an update before its readings get a fresh `created_at`. Only
-/// reached when something else writes the channel or owns that timestamp.
-const MAX_PROBES: u32 = 3;
+/// no trace of an update before its readings get a fresh `created_at`. A
+/// silently dropped publish fails one check, so this is only reached when
+/// something else owns that timestamp (another writer), or on a link that
+/// loses nearly everything.
+const MAX_PROBES: u32 = 10;
 /// Longest wait after HTTP 429 before the next bulk call.
 const MAX_BULK_BACKOFF: Duration = Duration::from_secs(300);
 /// `created_at` values remembered per channel (for late readings).
@@ -157,6 +159,8 @@ pub(crate) struct Forwarder {
     bulk_rx: mpsc::Receiver<BulkDone>,
     /// Channels whose backfill falls back to MQTT already logged.
     no_key_reported: HashSet<ChannelId>,
+    /// Channels without the write key legacy auth needs, already logged.
+    legacy_key_reported: HashSet<ChannelId>,
     /// Earliest time a channel needs looking at again (skips the queue scan on pushes).
     next_check: HashMap<ChannelId, Instant>,
     next_generation: u64,
@@ -172,6 +176,7 @@ pub(crate) struct Forwarder {
 impl Forwarder {
     pub(crate) fn new(
         config: UpstreamConfig,
+        connection: String,
         tls: Option<Arc<ClientConfig>>,
         bulk: Option<BulkClient>,
         store: Arc<dyn ReadingStore>,
@@ -185,7 +190,6 @@ impl Forwarder {
         );
         let (events_tx, events_rx) = mpsc::channel(64);
         let (bulk_tx, bulk_rx) = mpsc::channel(16);
-        let connection = config.connection_name();
         let renew_idle_after = config.renew_idle_after();
         let confirm_timeout = Duration::from_secs_f64(config.confirm_timeout_secs);
         Self {
@@ -209,6 +213,7 @@ impl Forwarder {
             bulk_tx,
             bulk_rx,
             no_key_reported: HashSet::new(),
+            legacy_key_reported: HashSet::new(),
             next_check: HashMap::new(),
             next_generation: 0,
             refusal_reported: false,
@@ -494,7 +499,7 @@ impl Forwarder {
     /// An entry relayed on a channel's feed subscription.
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
         let channel = match Topic::parse(topic) {
-            Ok(Topic::Subscribe { channel }) => channel,
+            Ok(Topic::Subscribe { channel } | Topic::SubscribeJson { channel, .. }) => channel,
             _ => {
                 tracing::debug!(topic, "message on an unexpected topic; ignored");
                 return;
@@ -1009,7 +1014,15 @@ impl Forwarder {
         let Conn::Up { client, .. } = &self.conn else {
             return false;
         };
-        let topic = Topic::Subscribe { channel }.to_string();
+        let topic = match self.config.auth {
+            Auth::Device => Topic::Subscribe { channel },
+            // Private channels need the read key; public ones none.
+            Auth::Legacy => Topic::SubscribeJson {
+                channel,
+                key: self.config.read_key(channel),
+            },
+        }
+        .to_string();
         match client.try_subscribe(topic, QoS::AtMostOnce) {
             Ok(()) => {
                 self.sub_order.push_back(channel);
@@ -1062,10 +1075,27 @@ impl Forwarder {
             self.renew_connection(now);
             return now;
         }
+        let key = match self.config.auth {
+            Auth::Device => None,
+            Auth::Legacy => match self.config.write_key(channel) {
+                Some(k) => Some(k),
+                None => {
+                    if self.legacy_key_reported.insert(channel) {
+                        tracing::error!(
+                            %channel,
+                            "legacy auth needs upstream.channels.\"{channel}\".write_key; \
+                             this channel's readings stay queued"
+                        );
+                    }
+                    return idle;
+                }
+            },
+        };
         let Some(p) = self.pending.get_mut(&channel) else {
             return now;
         };
-        let topic = Topic::Publish { channel, key: None }.to_string();
+        // The topic may hold the write key: never log it.
+        let topic = Topic::Publish { channel, key }.to_string();
         let payload = p.batch.update.encode();
         match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
             Ok(()) => {
@@ -1301,7 +1331,9 @@ mod tests {
     }
 
     fn forwarder(confirm: bool, store: Arc<MemStore>, metrics: Metrics) -> Forwarder {
-        Forwarder::new(config(confirm), None, None, store, metrics)
+        let config = config(confirm);
+        let name = config.connection_name();
+        Forwarder::new(config, name, None, None, store, metrics)
     }
 
     /// Puts the forwarder into "connected as `generation`" with a client whose

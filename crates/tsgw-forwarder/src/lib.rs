@@ -51,6 +51,7 @@ mod error;
 mod forwarder;
 mod rest;
 mod schedule;
+mod subset;
 
 use std::sync::Arc;
 
@@ -58,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, ReadingStore};
 
 pub use batch::Aggregate;
-pub use config::{Backfill, ChannelOverride, Transport, UpstreamConfig};
+pub use config::{Auth, Backfill, ChannelOverride, ConnectionConfig, Transport, UpstreamConfig};
 pub use error::ForwarderError;
 
 /// Runs the forwarder until `shutdown` is cancelled.
@@ -92,9 +93,66 @@ pub async fn run(
         );
     }
     let bulk = bulk_client(&config, tls.as_ref())?;
-    forwarder::Forwarder::new(config, tls, bulk, store, metrics)
-        .run(shutdown)
-        .await
+    if config.connections.is_empty() {
+        let name = config.connection_name();
+        return forwarder::Forwarder::new(config, name, tls, bulk, store, metrics)
+            .run(shutdown)
+            .await;
+    }
+
+    // One forwarder per credential set, each seeing only its channels.
+    let mut parts: Vec<(Option<usize>, subset::Selection)> = config
+        .connections
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                Some(i),
+                subset::Selection::Only(c.channels.iter().copied().collect()),
+            )
+        })
+        .collect();
+    if config.has_primary() {
+        parts.push((None, subset::Selection::AllBut(config.listed_channels())));
+    } else {
+        tracing::info!(
+            "no top-level upstream credentials: readings of channels not listed in \
+             [[upstream.connections]] stay queued"
+        );
+    }
+    // Cancelled by the caller, or here when one forwarder fails fatally.
+    let stop = shutdown.child_token();
+    let mut views = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, selection) in parts {
+        let cfg = config.for_connection(index);
+        let name = match index {
+            None => cfg.connection_name(),
+            Some(_) => format!("{}/{}", cfg.connection_name(), cfg.client_id),
+        };
+        let view = Arc::new(subset::StoreSubset::new(store.clone(), selection));
+        views.push(view.pushed());
+        let f =
+            forwarder::Forwarder::new(cfg, name, tls.clone(), bulk.clone(), view, metrics.clone());
+        tasks.spawn(f.run(stop.clone()));
+    }
+    let relay = tokio::spawn(subset::relay_pushes(store, views, stop.clone()));
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // Fatal for one is fatal for all (config or TLS trust).
+                stop.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "a forwarder task failed"),
+        }
+    }
+    relay.abort();
+    result
 }
 
 /// The REST client for bulk backfill, when the policy and the keys call for it.

@@ -915,3 +915,117 @@ async fn bulk_calls_back_off_on_429_and_succeed_later() {
     // Rejected calls back off (0.5, 1, 2 s...): a handful, not a loop.
     assert!((1..=6).contains(&k.bulk_rejected), "{k:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_credential_set_gets_its_own_connection_and_channels() {
+    let (a, b, d) = (ch(9101), ch(9102), ch(9103));
+    let emu = Emulator::builder()
+        .tls("127.0.0.1:0")
+        .default_interval(Duration::from_secs(1))
+        .channel(ChannelSpec::new(a, "WA9101", "RA9101"))
+        .channel(ChannelSpec::new(b, "WB9102", "RB9102"))
+        .channel(ChannelSpec::new(d, "WD9103", "RD9103"))
+        // Each device may write only its own channels.
+        .device(DeviceSpec::new("gw-client", "gw-user", "gw-pass", [a]))
+        .device(DeviceSpec::new("dev-b", "user-b", "pass-b", [b, d]))
+        .start()
+        .await
+        .expect("emulator starts");
+    let store = Arc::new(FakeStore::default());
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.connections = vec![tsgw_forwarder::ConnectionConfig {
+        client_id: "dev-b".into(),
+        username: "user-b".into(),
+        password: Secret::new("pass-b"),
+        channels: vec![b, d],
+        ..Default::default()
+    }];
+    let fwd = start(cfg, store.clone());
+    let at = Utc::now();
+    store.push_at(a, field(1), Value::Number(1.0), at);
+    store.push_at(b, field(1), Value::Number(2.0), at);
+    store.push_at(d, field(1), Value::Number(3.0), at);
+    wait_until("all three delivered", || store.len() == 0).await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+    assert_eq!(emu.entries(a)[0].get(field(1)), Some("1"));
+    assert_eq!(emu.entries(b)[0].get(field(1)), Some("2"));
+    assert_eq!(emu.entries(d)[0].get(field(1)), Some("3"));
+    let k = emu.counters();
+    assert!(k.sessions >= 2, "{k:?}");
+    assert_eq!(
+        k.closed_invalid, 0,
+        "no channel on the wrong connection: {k:?}"
+    );
+    let port = emu.tls_addr().unwrap().port();
+    for label in [
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{port}/dev-b"),
+    ] {
+        assert_eq!(
+            metrics
+                .upstream_connects_total
+                .with_label_values(&[&label])
+                .get(),
+            1,
+            "{label}"
+        );
+    }
+    for c in [a, b, d] {
+        assert_eq!(
+            metrics
+                .updates_confirmed_total
+                .with_label_values(&[&c.to_string()])
+                .get(),
+            1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_write_key_topics_over_plain_tcp_deliver_and_confirm() {
+    let c = ch(9201);
+    let emu = Emulator::builder()
+        .tcp("127.0.0.1:0")
+        .default_interval(Duration::from_secs(1))
+        .channel(ChannelSpec::new(c, "WRITEKEY00009201", "READKEY000009201"))
+        .start()
+        .await
+        .expect("emulator starts");
+    let store = Arc::new(FakeStore::default());
+    let cfg = UpstreamConfig {
+        host: "127.0.0.1".into(),
+        port: Some(emu.tcp_addr().unwrap().port()),
+        transport: Transport::Tcp,
+        client_id: "legacy-gw".into(),
+        auth: tsgw_forwarder::Auth::Legacy,
+        update_interval_secs: 1.0,
+        reconnect_min_secs: 0.1,
+        reconnect_max_secs: 0.5,
+        channels: BTreeMap::from([(
+            c.to_string(),
+            ChannelOverride {
+                write_key: Some(Secret::new("WRITEKEY00009201")),
+                read_key: Some(Secret::new("READKEY000009201")),
+                ..ChannelOverride::default()
+            },
+        )]),
+        ..UpstreamConfig::default()
+    };
+    let fwd = start(cfg, store.clone());
+    store.push(c, field(2), Value::Number(42.0));
+    wait_until("delivered", || store.len() == 0).await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+    assert_eq!(emu.entries(c)[0].get(field(2)), Some("42"));
+    assert_eq!(
+        metrics
+            .updates_confirmed_total
+            .with_label_values(&[&c.to_string()])
+            .get(),
+        1,
+        "confirmed through the legacy read-key subscription"
+    );
+    let k = emu.counters();
+    assert_eq!((k.closed_invalid, k.subscriptions_refused), (0, 0), "{k:?}");
+}
