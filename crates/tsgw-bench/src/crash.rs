@@ -76,6 +76,8 @@ fn slots() -> Vec<Slot> {
 struct Ledger {
     next: BTreeMap<Slot, u64>,
     acked: BTreeMap<Slot, u64>,
+    /// PUBACKs received in all.
+    acked_count: u64,
 }
 
 /// A QoS 1 device publishing its slots' counters, one message in flight.
@@ -146,6 +148,7 @@ impl CrashDevice {
                     Ok(Some(_)) => {
                         let mut l = ledger.lock().unwrap_or_else(|p| p.into_inner());
                         l.acked.insert(slot, value);
+                        l.acked_count += 1;
                     }
                     _ => return,
                 }
@@ -203,8 +206,9 @@ fn delivered(emu: &EmulatorHandle) -> BTreeMap<Slot, Vec<u64>> {
     for id in CHANNELS {
         for entry in emu.entries(channel(id)) {
             for f in 1..=8u8 {
-                if let Some(v) = entry.field(f).and_then(|v| v.parse().ok()) {
-                    out.entry((id, f)).or_default().push(v);
+                // The forwarder may print whole numbers as "12" or "12.0".
+                if let Some(v) = entry.field(f).and_then(|v| v.parse::<f64>().ok()) {
+                    out.entry((id, f)).or_default().push(v as u64);
                 }
             }
         }
@@ -337,7 +341,7 @@ pub async fn run(args: CrashArgs, binary: PathBuf) -> Result<String> {
     let mut entries_total = 0u64;
     let l = ledger.lock().unwrap_or_else(|p| p.into_inner());
     let published: u64 = l.next.values().map(|n| n - 1).sum();
-    let acked: u64 = l.acked.values().sum();
+    let acked = l.acked_count;
     let mut unknown = 0u64;
     for (slot, values) in &got {
         entries_total += values.len() as u64;
