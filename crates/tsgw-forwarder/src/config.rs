@@ -167,6 +167,10 @@ pub struct UpstreamConfig {
     pub confirm: bool,
     /// Seconds to wait for that echo before checking and resending.
     pub confirm_timeout_secs: f64,
+    /// Publish an update that sets a single field to the field-feed topic
+    /// (`channels/<id>/publish/fields/field<n>`, bare value). Such a publish
+    /// carries no created_at, so it needs `confirm = false`.
+    pub field_topics: bool,
     /// The broker closes connections without PUBLISH for this long; the
     /// forwarder renews the connection at 5/6 of it.
     pub idle_timeout_secs: f64,
@@ -206,6 +210,7 @@ impl Default for UpstreamConfig {
             aggregate: BTreeMap::new(),
             confirm: true,
             confirm_timeout_secs: 10.0,
+            field_topics: false,
             idle_timeout_secs: 3600.0,
             backfill: Backfill::Bulk,
             downsample_after: 60,
@@ -376,6 +381,13 @@ impl UpstreamConfig {
         }
         check_policies("aggregate", &self.aggregate)?;
         check_secs("confirm_timeout_secs", self.confirm_timeout_secs, 0.1)?;
+        if self.field_topics && self.confirm {
+            return Err(bad(
+                "field_topics",
+                "needs confirm = false: a field-feed publish carries no created_at, so its echo \
+                 cannot be matched and a resend cannot be deduplicated",
+            ));
+        }
         check_secs("idle_timeout_secs", self.idle_timeout_secs, 1.0)?;
         check_secs("bulk_interval_secs", self.bulk_interval_secs, 0.1)?;
         if self.downsample_after == 0 {
@@ -699,6 +711,7 @@ mod tests {
                 Box::new(|c| c.confirm_timeout_secs = 0.0),
                 "upstream.confirm_timeout_secs",
             ),
+            (Box::new(|c| c.field_topics = true), "upstream.field_topics"),
             (
                 Box::new(|c| c.idle_timeout_secs = 0.5),
                 "upstream.idle_timeout_secs",

@@ -1095,8 +1095,21 @@ impl Forwarder {
             return now;
         };
         // The topic may hold the write key: never log it.
-        let topic = Topic::Publish { channel, key }.to_string();
-        let payload = p.batch.update.encode();
+        let (topic, payload) = match single_field(&p.batch.update) {
+            Some((field, value)) if self.config.field_topics => (
+                Topic::PublishField {
+                    channel,
+                    field,
+                    key,
+                }
+                .to_string(),
+                value.to_owned(),
+            ),
+            _ => (
+                Topic::Publish { channel, key }.to_string(),
+                p.batch.update.encode(),
+            ),
+        };
         match client.try_publish(topic, QoS::AtMostOnce, false, payload) {
             Ok(()) => {
                 p.stage = Stage::Writing;
@@ -1218,6 +1231,15 @@ impl Forwarder {
             .with_label_values(&[&self.connection])
             .set(0);
         tracing::info!(connection = %self.connection, "forwarder stopped");
+    }
+}
+
+/// The field and value of an update that sets exactly one field and nothing else.
+fn single_field(update: &thingspeak::ChannelUpdate) -> Option<(thingspeak::Field, &str)> {
+    let mut values = update.values.iter();
+    match (values.next(), values.next()) {
+        (Some((thingspeak::Target::Field(f), v)), None) => Some((*f, v.as_str())),
+        _ => None,
     }
 }
 

@@ -1029,3 +1029,30 @@ async fn legacy_write_key_topics_over_plain_tcp_deliver_and_confirm() {
     let k = emu.counters();
     assert_eq!((k.closed_invalid, k.subscriptions_refused), (0, 0), "{k:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_field_updates_use_the_field_feed_topic_when_enabled() {
+    let c = ch(9301);
+    let emu = emulator(Duration::from_secs(1), &[c], false).await;
+    let store = Arc::new(FakeStore::default());
+    let mut cfg = config(&emu, Transport::Tls, 1.0);
+    cfg.confirm = false;
+    cfg.field_topics = true;
+    let fwd = start(cfg, store.clone());
+    let at = Utc::now() - TimeDelta::seconds(5);
+    store.push_at(c, field(3), Value::Number(7.5), at);
+    let first = emu.wait_for_entries(c, 1, WAIT).await.expect("first");
+    // Two targets in one window: the channel feed topic as usual.
+    let at = Utc::now();
+    store.push_at(c, field(1), Value::Number(1.0), at);
+    store.push_at(c, field(2), Value::Number(2.0), at);
+    let entries = emu.wait_for_entries(c, 2, WAIT).await.expect("second");
+    wait_until("removed", || store.len() == 0).await;
+    fwd.stop().await;
+    assert_eq!(first[0].get(field(3)), Some("7.5"));
+    // A field publish has no created_at: ThingSpeak stamps its own time.
+    assert!(first[0].created_at() > at - TimeDelta::seconds(2));
+    assert_eq!(entries[1].get(field(1)), Some("1"));
+    assert_eq!(entries[1].get(field(2)), Some("2"));
+    assert_eq!(emu.counters().closed_invalid, 0);
+}
