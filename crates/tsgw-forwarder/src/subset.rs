@@ -83,3 +83,110 @@ pub async fn relay_pushes(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use chrono::Utc;
+    use thingspeak::{Field, Target};
+    use tsgw_core::{Origin, Reading, SourceKind, Value};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Mem {
+        readings: Mutex<BTreeMap<QueueKey, Reading>>,
+        pushed: Arc<Notify>,
+    }
+
+    impl ReadingStore for Mem {
+        fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+            let mut c: Vec<_> = self
+                .readings
+                .lock()
+                .unwrap()
+                .keys()
+                .map(|k| k.channel)
+                .collect();
+            c.dedup();
+            Ok(c)
+        }
+        fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
+            Ok(self
+                .readings
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.channel == channel)
+                .take(max)
+                .map(|(k, r)| Queued {
+                    key: *k,
+                    reading: r.clone(),
+                })
+                .collect())
+        }
+        fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
+            let mut r = self.readings.lock().unwrap();
+            keys.iter().for_each(|k| {
+                r.remove(k);
+            });
+            Ok(())
+        }
+        fn pushed(&self) -> Arc<Notify> {
+            self.pushed.clone()
+        }
+    }
+
+    fn ch(n: u64) -> ChannelId {
+        ChannelId::new(n).unwrap()
+    }
+
+    #[tokio::test]
+    async fn views_show_only_their_channels_and_all_get_push_signals() {
+        let mem = Arc::new(Mem::default());
+        for (seq, c) in [(1, 1), (2, 2), (3, 3)] {
+            mem.readings.lock().unwrap().insert(
+                QueueKey {
+                    channel: ch(c),
+                    seq,
+                },
+                Reading {
+                    channel: ch(c),
+                    target: Target::Field(Field::new(1).unwrap()),
+                    value: Value::Number(1.0),
+                    measured_at: Utc::now(),
+                    origin: Origin::new(SourceKind::Mqtt, "d"),
+                },
+            );
+        }
+        let store: Arc<dyn ReadingStore> = mem.clone();
+        let only = StoreSubset::new(store.clone(), Selection::Only(BTreeSet::from([ch(2)])));
+        let rest = StoreSubset::new(store.clone(), Selection::AllBut(BTreeSet::from([ch(2)])));
+        assert_eq!(only.channels().unwrap(), vec![ch(2)]);
+        assert_eq!(rest.channels().unwrap(), vec![ch(1), ch(3)]);
+        assert!(only.peek(ch(1), 10).unwrap().is_empty());
+        assert_eq!(rest.peek(ch(3), 10).unwrap().len(), 1);
+
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(relay_pushes(
+            store,
+            vec![only.pushed(), rest.pushed()],
+            stop.clone(),
+        ));
+        tokio::task::yield_now().await;
+        mem.pushed.notify_one();
+        for view in [&only, &rest] {
+            tokio::time::timeout(Duration::from_secs(5), view.pushed().notified())
+                .await
+                .expect("each view is woken");
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
