@@ -608,9 +608,18 @@ impl Forwarder {
     fn on_closed(&mut self, closed: Closed) {
         let now = Instant::now();
         let conn = std::mem::replace(&mut self.conn, Conn::Down { retry_at: now });
-        let was_up_since = match conn {
-            Conn::Up { since, .. } => Some(since),
-            _ => None,
+        let (was_up_since, idle_close) = match conn {
+            // The broker closing a connection we left idle past the renewal
+            // point is expected (ThingSpeak's idle limit), not a fault.
+            Conn::Up {
+                since,
+                last_publish,
+                ..
+            } => (
+                Some(since),
+                now.duration_since(last_publish) >= self.renew_idle_after,
+            ),
+            _ => (None, false),
         };
         // Failed attempts count too (reason refused, tls, connect_timeout...),
         // so a refusal loop is visible in metrics, not only in the log.
@@ -643,10 +652,20 @@ impl Forwarder {
                 );
             }
             self.backoff.max_delay(jitter)
+        } else if idle_close {
+            self.backoff.reset();
+            self.backoff.next_delay(jitter)
         } else {
             self.backoff.next_delay(jitter)
         };
-        if was_up_since.is_some() {
+        if idle_close {
+            tracing::info!(
+                connection = %self.connection,
+                reason = closed.reason,
+                retry_in_secs = delay.as_secs_f64(),
+                "idle upstream connection closed by the broker (idle limit); reconnecting"
+            );
+        } else if was_up_since.is_some() {
             tracing::warn!(
                 connection = %self.connection,
                 reason = closed.reason,
