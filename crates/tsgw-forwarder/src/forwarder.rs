@@ -518,12 +518,10 @@ impl Forwarder {
         if p.batch.created_at() != Some(entry.created_at) {
             return;
         }
-        let same_values = p
-            .batch
-            .update
-            .values
-            .iter()
-            .all(|(target, value)| entry.get(*target) == Some(value.as_str()));
+        let same_values =
+            p.batch.update.values.iter().all(|(target, value)| {
+                entry.get(*target).is_some_and(|got| same_value(got, value))
+            });
         if same_values {
             tracing::debug!(%channel, entry_id = entry.entry_id, "update confirmed");
             self.deliver(channel, true);
@@ -1253,6 +1251,19 @@ impl Forwarder {
     }
 }
 
+/// Whether ThingSpeak's echo of a value is the value sent: the same text, or
+/// the same number written differently (`21.50` for `21.5`), in case the
+/// service normalises numbers.
+fn same_value(echoed: &str, sent: &str) -> bool {
+    if echoed == sent {
+        return true;
+    }
+    match (echoed.trim().parse::<f64>(), sent.trim().parse::<f64>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// The field and value of an update that sets exactly one field and nothing else.
 fn single_field(update: &thingspeak::ChannelUpdate) -> Option<(thingspeak::Field, &str)> {
     let mut values = update.values.iter();
@@ -1676,6 +1687,15 @@ mod tests {
         f.send_due(later(4)).unwrap();
         let second = f.pending[&ch()].batch.created_at().unwrap();
         assert!(second > first);
+    }
+
+    #[test]
+    fn echoed_values_match_as_text_or_as_the_same_number() {
+        assert!(same_value("21.5", "21.5"));
+        assert!(same_value("21.50", "21.5"));
+        assert!(same_value("open", "open"));
+        assert!(!same_value("21.6", "21.5"));
+        assert!(!same_value("Open", "open"));
     }
 
     #[tokio::test]
