@@ -662,6 +662,36 @@ mod tests {
         }
     }
 
+    /// The documented snippet (README) parses and validates, with the
+    /// commented keys switched on.
+    #[test]
+    fn documented_keys_parse() {
+        let text = format!(
+            "client_id = \"c\"\nusername = \"u\"\npassword = \"p\"\n{}",
+            include_str!("../tests/data/upstream-keys.toml")
+                .replace("[upstream.", "[")
+                .replace("[[upstream.", "[[")
+                .lines()
+                .map(|l| l
+                    .strip_prefix("# ")
+                    .filter(|k| {
+                        // A commented-out key or table, not prose.
+                        k.starts_with('[')
+                            || k.split_once(" = ").is_some_and(|(name, _)| {
+                                name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                            })
+                    })
+                    .unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let c: UpstreamConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        c.validate().unwrap();
+        assert!(c.confirm);
+        assert_eq!(c.connections.len(), 1);
+        assert_eq!(c.aggregate.len(), 2);
+    }
+
     #[test]
     fn numeric_ids_are_accepted_as_text() {
         let c: UpstreamConfig =

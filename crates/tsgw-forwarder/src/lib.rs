@@ -30,17 +30,26 @@
 //! rest_host = "api.thingspeak.com"
 //! bulk_interval_secs = 15
 //! bulk_max_updates = 960
+//! auth = "device"                # device | legacy (write key in the topic)
+//! field_topics = false           # single-field updates to .../fields/field<n> (confirm = false only)
+//! [[upstream.connections]]       # more credential sets, one connection each
+//! client_id = "..."
+//! username = "..."
+//! password = "..."
+//! channels = [2345678]
 //! [upstream.channels."1234567"]
 //! update_interval_secs = 1
 //! aggregate = { field2 = "max" }
-//! write_key = "..."              # for bulk backfill
+//! write_key = "..."              # for bulk backfill and legacy auth
+//! read_key = "..."               # legacy auth: confirmation subscription
 //! ```
 //!
 //! Modules: `config` (settings), `connection` (rumqttc options, TLS trust),
 //! `driver` (one connection's event loop), `batch` (windows and aggregation,
 //! pure), `schedule` (per-channel interval bookkeeping, pure), `backoff`
-//! (reconnect delays, pure), `rest` (bulk-write HTTP client), `forwarder` (the
-//! loop and the per-channel delivery state machine).
+//! (reconnect delays, pure), `rest` (bulk-write HTTP client), `subset` (a store
+//! view per connection), `forwarder` (the loop and the per-channel delivery
+//! state machine).
 
 mod backoff;
 mod batch;
