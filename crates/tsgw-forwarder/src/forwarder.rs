@@ -837,7 +837,9 @@ impl Forwarder {
                     now >= self.started + Duration::from_secs_f64(self.config.bulk_interval_secs),
                     |b| now >= b.next_at,
                 );
-                if closed.len() > 1 && bulk_due {
+                // A bulk call takes one of the channel's update slots too:
+                // ThingSpeak counts REST and MQTT writes together.
+                if closed.len() > 1 && bulk_due && self.schedule.is_due(channel, now) {
                     let max = self.config.bulk_max_updates;
                     let older = &closed[..closed.len() - 1];
                     let older = &older[..older.len().min(max)];
