@@ -10,7 +10,7 @@ use crate::config::LogFormat;
 /// without editing the config.
 pub fn init(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(with_quiet_broker(level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only on a terminal: journald would store the escape codes verbatim.
     let builder = tracing_subscriber::fmt()
@@ -22,4 +22,29 @@ pub fn init(level: &str, format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// rumqttd logs every routine device disconnect at ERROR level. The gateway
+/// logs device connections itself (and the embedded broker's real failures),
+/// so rumqttd's own output is off unless the filter asks for it by name.
+fn with_quiet_broker(level: &str) -> String {
+    if level.contains("rumqttd") {
+        level.to_owned()
+    } else {
+        format!("{level},rumqttd=off")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_broker_is_quiet_unless_asked_for() {
+        assert_eq!(with_quiet_broker("info"), "info,rumqttd=off");
+        assert_eq!(
+            with_quiet_broker("info,rumqttd=debug"),
+            "info,rumqttd=debug"
+        );
+    }
 }
