@@ -128,8 +128,13 @@ async fn serve(
     }
 }
 
+/// Copies bytes both ways until either side closes, then closes both.
+///
+/// Not `copy_bidirectional`: that waits for *both* directions to end, so when
+/// rumqttd drops a client that never sent CONNECT, a silent device would keep
+/// its connection slot forever.
 async fn splice<S>(
-    mut device: S,
+    device: S,
     backend: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(), String>
@@ -140,9 +145,12 @@ where
         .await
         .map_err(|e| format!("embedded broker unreachable at {backend}: {e}"))?;
     let _ = broker.set_nodelay(true);
+    let (mut device_read, mut device_write) = tokio::io::split(device);
+    let (mut broker_read, mut broker_write) = broker.split();
     tokio::select! {
         _ = shutdown.cancelled() => Ok(()),
-        r = tokio::io::copy_bidirectional(&mut device, &mut broker) => r.map(|_| ()).map_err(|e| e.to_string()),
+        r = tokio::io::copy(&mut device_read, &mut broker_write) => r.map(|_| ()).map_err(|e| e.to_string()),
+        r = tokio::io::copy(&mut broker_read, &mut device_write) => r.map(|_| ()).map_err(|e| e.to_string()),
     }
 }
 
