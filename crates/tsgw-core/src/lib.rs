@@ -14,5 +14,5 @@ pub mod throttle;
 pub use metrics::Metrics;
 pub use reading::{Origin, Reading, SourceKind, Value};
 pub use secret::Secret;
-pub use store::{QueueKey, Queued, ReadingStore, StoreError};
+pub use store::{MemoryStore, QueueKey, Queued, ReadingStore, StoreError};
 pub use thingspeak::{ChannelId, Field, Target};

@@ -49,3 +49,140 @@ pub trait ReadingStore: Send + Sync + 'static {
     /// can sleep instead of polling.
     fn pushed(&self) -> Arc<tokio::sync::Notify>;
 }
+
+/// An in-memory [`ReadingStore`]: what tests and tools use instead of the disk
+/// queue. It keeps the same contract (per-channel arrival order, removal by
+/// key, a notification per push) and records how many readings were removed.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: std::sync::Mutex<MemoryInner>,
+    pushed: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    readings: std::collections::BTreeMap<QueueKey, Reading>,
+    next_seq: u64,
+    removed: usize,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reading under the next sequence number and signals the consumer.
+    pub fn push(&self, reading: Reading) -> QueueKey {
+        let key = {
+            let mut inner = self.lock();
+            inner.next_seq += 1;
+            let key = QueueKey {
+                channel: reading.channel,
+                seq: inner.next_seq,
+            };
+            inner.readings.insert(key, reading);
+            key
+        };
+        self.pushed.notify_one();
+        key
+    }
+
+    /// Queues a reading under a chosen key (later pushes continue above it).
+    pub fn insert(&self, key: QueueKey, reading: Reading) {
+        {
+            let mut inner = self.lock();
+            inner.next_seq = inner.next_seq.max(key.seq);
+            inner.readings.insert(key, reading);
+        }
+        self.pushed.notify_one();
+    }
+
+    /// Readings currently queued.
+    pub fn len(&self) -> usize {
+        self.lock().readings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Readings removed so far.
+    pub fn removed(&self) -> usize {
+        self.lock().removed
+    }
+}
+
+impl ReadingStore for MemoryStore {
+    fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+        let mut channels: Vec<ChannelId> = self.lock().readings.keys().map(|k| k.channel).collect();
+        channels.dedup();
+        Ok(channels)
+    }
+
+    fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
+        Ok(self
+            .lock()
+            .readings
+            .range(
+                QueueKey { channel, seq: 0 }..=QueueKey {
+                    channel,
+                    seq: u64::MAX,
+                },
+            )
+            .take(max)
+            .map(|(key, reading)| Queued {
+                key: *key,
+                reading: reading.clone(),
+            })
+            .collect())
+    }
+
+    fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for key in keys {
+            if inner.readings.remove(key).is_some() {
+                inner.removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn pushed(&self) -> Arc<tokio::sync::Notify> {
+        self.pushed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{Origin, SourceKind, Value};
+    use thingspeak::Target;
+
+    fn reading(channel: u64, v: f64) -> Reading {
+        Reading {
+            channel: ChannelId::new(channel).unwrap(),
+            target: Target::Status,
+            value: Value::Number(v),
+            measured_at: chrono::Utc::now(),
+            origin: Origin::new(SourceKind::Mqtt, "t"),
+        }
+    }
+
+    #[test]
+    fn memory_store_keeps_the_contract() {
+        let store = MemoryStore::new();
+        let a = store.push(reading(2, 1.0));
+        store.push(reading(1, 2.0));
+        let c = store.push(reading(2, 3.0));
+        assert_eq!(store.channels().unwrap().len(), 2);
+        let two = store.peek(ChannelId::new(2).unwrap(), 10).unwrap();
+        assert_eq!(two.iter().map(|q| q.key).collect::<Vec<_>>(), vec![a, c]);
+        assert_eq!(store.peek(ChannelId::new(2).unwrap(), 1).unwrap().len(), 1);
+        store.remove(&[a, a]).unwrap();
+        assert_eq!((store.len(), store.removed()), (2, 1));
+    }
+}

@@ -1287,79 +1287,28 @@ fn window_batch(channel: ChannelId, windows: &[&Group], policies: &Policies) -> 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
 
     use thingspeak::{Field, Target};
-    use tokio::sync::Notify;
-    use tsgw_core::{Origin, Queued, Reading, Secret, SourceKind, StoreError, Value};
+    use tsgw_core::{Origin, Reading, Secret, SourceKind, Value};
 
     use super::*;
     use crate::config::Transport;
 
-    #[derive(Default)]
-    struct MemStore {
-        readings: Mutex<BTreeMap<QueueKey, Reading>>,
-        pushed: Arc<Notify>,
-    }
+    type MemStore = tsgw_core::MemoryStore;
 
-    impl MemStore {
-        /// A reading measured 10 s ago: its window is closed.
-        fn push(&self, seq: u64, target: Target, value: Value) {
-            let channel = ch();
-            self.readings.lock().unwrap().insert(
-                QueueKey { channel, seq },
-                Reading {
-                    channel,
-                    target,
-                    value,
-                    measured_at: Utc::now() - chrono::TimeDelta::seconds(10),
-                    origin: Origin::new(SourceKind::Serial, "dev"),
-                },
-            );
-        }
-
-        fn len(&self) -> usize {
-            self.readings.lock().unwrap().len()
-        }
-    }
-
-    impl ReadingStore for MemStore {
-        fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
-            let mut c: Vec<ChannelId> = self
-                .readings
-                .lock()
-                .unwrap()
-                .keys()
-                .map(|k| k.channel)
-                .collect();
-            c.dedup();
-            Ok(c)
-        }
-        fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
-            Ok(self
-                .readings
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.channel == channel)
-                .take(max)
-                .map(|(k, r)| Queued {
-                    key: *k,
-                    reading: r.clone(),
-                })
-                .collect())
-        }
-        fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
-            let mut r = self.readings.lock().unwrap();
-            for k in keys {
-                r.remove(k);
-            }
-            Ok(())
-        }
-        fn pushed(&self) -> Arc<Notify> {
-            self.pushed.clone()
-        }
+    /// Queues a reading measured 10 s ago (its window is closed) under `seq`.
+    fn push_closed(store: &MemStore, seq: u64, target: Target, value: Value) {
+        let channel = ch();
+        store.insert(
+            QueueKey { channel, seq },
+            Reading {
+                channel,
+                target,
+                value,
+                measured_at: Utc::now() - chrono::TimeDelta::seconds(10),
+                origin: Origin::new(SourceKind::Serial, "dev"),
+            },
+        );
     }
 
     fn ch() -> ChannelId {
@@ -1454,7 +1403,7 @@ mod tests {
     #[tokio::test]
     async fn in_doubt_update_keeps_readings_and_stale_writes_are_ignored() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(1.0));
+        push_closed(&store, 1, field1(), Value::Number(1.0));
         let metrics = Metrics::new();
         let mut f = forwarder(false, store.clone(), metrics.clone());
 
@@ -1502,8 +1451,8 @@ mod tests {
     #[tokio::test]
     async fn unsendable_readings_are_dropped_and_counted() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Text("x".repeat(300)));
-        store.push(2, Target::Status, Value::Text("ok".into()));
+        push_closed(&store, 1, field1(), Value::Text("x".repeat(300)));
+        push_closed(&store, 2, Target::Status, Value::Text("ok".into()));
         let metrics = Metrics::new();
         let mut f = forwarder(false, store.clone(), metrics.clone());
         let _loop = connect_as(&mut f, 0);
@@ -1524,7 +1473,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_renewed_before_publishing() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(1.0));
+        push_closed(&store, 1, field1(), Value::Number(1.0));
         let metrics = Metrics::new();
         let mut f = forwarder(false, store.clone(), metrics.clone());
         f.renew_idle_after = Duration::from_millis(50);
@@ -1560,7 +1509,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_published_while_not_connected() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(1.0));
+        push_closed(&store, 1, field1(), Value::Number(1.0));
         let mut f = forwarder(false, store.clone(), Metrics::new());
         f.send_due(later(60)).unwrap();
         assert!(f.in_flight.is_none());
@@ -1570,7 +1519,7 @@ mod tests {
     #[tokio::test]
     async fn only_the_matching_echo_confirms() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(5.0));
+        push_closed(&store, 1, field1(), Value::Number(5.0));
         let metrics = Metrics::new();
         let mut f = forwarder(true, store.clone(), metrics.clone());
         let _loop = connect_as(&mut f, 0);
@@ -1613,7 +1562,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_echo_is_checked_then_resent_with_the_same_created_at() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(5.0));
+        push_closed(&store, 1, field1(), Value::Number(5.0));
         let metrics = Metrics::new();
         let mut f = forwarder(true, store.clone(), metrics.clone());
         let _loop = connect_as(&mut f, 0);
@@ -1674,7 +1623,7 @@ mod tests {
     #[tokio::test]
     async fn an_entry_with_our_timestamp_but_other_values_moves_the_readings() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(5.0));
+        push_closed(&store, 1, field1(), Value::Number(5.0));
         let mut f = forwarder(true, store.clone(), Metrics::new());
         let _loop = connect_as(&mut f, 0);
         f.send_due(later(2)).unwrap();
@@ -1703,7 +1652,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_subscription_falls_back_to_written_counts() {
         let store = Arc::new(MemStore::default());
-        store.push(1, field1(), Value::Number(5.0));
+        push_closed(&store, 1, field1(), Value::Number(5.0));
         let mut f = forwarder(true, store.clone(), Metrics::new());
         let _loop = connect_as(&mut f, 0);
         f.send_due(later(2)).unwrap();

@@ -86,8 +86,6 @@ pub async fn relay_pushes(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
     use std::time::Duration;
 
     use chrono::Utc;
@@ -96,49 +94,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Default)]
-    struct Mem {
-        readings: Mutex<BTreeMap<QueueKey, Reading>>,
-        pushed: Arc<Notify>,
-    }
-
-    impl ReadingStore for Mem {
-        fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
-            let mut c: Vec<_> = self
-                .readings
-                .lock()
-                .unwrap()
-                .keys()
-                .map(|k| k.channel)
-                .collect();
-            c.dedup();
-            Ok(c)
-        }
-        fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
-            Ok(self
-                .readings
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.channel == channel)
-                .take(max)
-                .map(|(k, r)| Queued {
-                    key: *k,
-                    reading: r.clone(),
-                })
-                .collect())
-        }
-        fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
-            let mut r = self.readings.lock().unwrap();
-            keys.iter().for_each(|k| {
-                r.remove(k);
-            });
-            Ok(())
-        }
-        fn pushed(&self) -> Arc<Notify> {
-            self.pushed.clone()
-        }
-    }
+    type Mem = tsgw_core::MemoryStore;
 
     fn ch(n: u64) -> ChannelId {
         ChannelId::new(n).unwrap()
@@ -148,7 +104,7 @@ mod tests {
     async fn views_show_only_their_channels_and_all_get_push_signals() {
         let mem = Arc::new(Mem::default());
         for (seq, c) in [(1, 1), (2, 2), (3, 3)] {
-            mem.readings.lock().unwrap().insert(
+            mem.insert(
                 QueueKey {
                     channel: ch(c),
                     seq,
@@ -177,7 +133,7 @@ mod tests {
             stop.clone(),
         ));
         tokio::task::yield_now().await;
-        mem.pushed.notify_one();
+        mem.pushed().notify_one();
         for view in [&only, &rest] {
             tokio::time::timeout(Duration::from_secs(5), view.pushed().notified())
                 .await

@@ -3,114 +3,45 @@
 //! connection is down, and slow retries after a refused CONNECT.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use thingspeak::{ChannelId, Field, Target};
 use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorHandle, Entry, WriteOrigin};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tsgw_core::{
-    Metrics, Origin, QueueKey, Queued, Reading, ReadingStore, Secret, SourceKind, StoreError, Value,
-};
+use tsgw_core::{Metrics, Origin, Reading, Secret, SourceKind, Value};
 use tsgw_forwarder::{Aggregate, ChannelOverride, ForwarderError, Transport, UpstreamConfig};
 
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// An in-memory [`ReadingStore`] that records what was removed.
-#[derive(Default)]
-struct FakeStore {
-    inner: Mutex<Inner>,
-    pushed: Arc<Notify>,
+/// The store the forwarder reads: the shared in-memory one (it counts removals).
+type FakeStore = tsgw_core::MemoryStore;
+
+/// Queues a reading measured now.
+fn push(store: &FakeStore, channel: ChannelId, target: Target, value: Value) {
+    push_at(store, channel, target, value, Utc::now());
 }
 
-#[derive(Default)]
-struct Inner {
-    next_seq: u64,
-    readings: BTreeMap<QueueKey, Reading>,
-    removed: Vec<QueueKey>,
-}
-
-impl FakeStore {
-    fn push(&self, channel: ChannelId, target: Target, value: Value) {
-        self.push_at(channel, target, value, Utc::now());
-    }
-
-    /// Pushes a reading measured at `measured_at`; returns it for bookkeeping.
-    fn push_at(
-        &self,
-        channel: ChannelId,
-        target: Target,
-        value: Value,
-        measured_at: DateTime<Utc>,
-    ) -> Reading {
-        let reading = Reading {
-            channel,
-            target,
-            value,
-            measured_at,
-            origin: Origin::new(SourceKind::Mqtt, "test-device"),
-        };
-        {
-            let mut inner = self.inner.lock().unwrap();
-            inner.next_seq += 1;
-            let key = QueueKey {
-                channel,
-                seq: inner.next_seq,
-            };
-            inner.readings.insert(key, reading.clone());
-        }
-        self.pushed.notify_one();
-        reading
-    }
-
-    fn len(&self) -> usize {
-        self.inner.lock().unwrap().readings.len()
-    }
-
-    fn removed(&self) -> usize {
-        self.inner.lock().unwrap().removed.len()
-    }
-}
-
-impl ReadingStore for FakeStore {
-    fn channels(&self) -> Result<Vec<ChannelId>, StoreError> {
-        let inner = self.inner.lock().unwrap();
-        let mut channels: Vec<ChannelId> = inner.readings.keys().map(|k| k.channel).collect();
-        channels.dedup();
-        Ok(channels)
-    }
-
-    fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
-        let inner = self.inner.lock().unwrap();
-        Ok(inner
-            .readings
-            .iter()
-            .filter(|(k, _)| k.channel == channel)
-            .take(max)
-            .map(|(k, r)| Queued {
-                key: *k,
-                reading: r.clone(),
-            })
-            .collect())
-    }
-
-    fn remove(&self, keys: &[QueueKey]) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock().unwrap();
-        for k in keys {
-            if inner.readings.remove(k).is_some() {
-                inner.removed.push(*k);
-            }
-        }
-        Ok(())
-    }
-
-    fn pushed(&self) -> Arc<Notify> {
-        self.pushed.clone()
-    }
+/// Queues a reading measured at `measured_at`; returns it for bookkeeping.
+fn push_at(
+    store: &FakeStore,
+    channel: ChannelId,
+    target: Target,
+    value: Value,
+    measured_at: DateTime<Utc>,
+) -> Reading {
+    let reading = Reading {
+        channel,
+        target,
+        value,
+        measured_at,
+        origin: Origin::new(SourceKind::Mqtt, "test-device"),
+    };
+    store.push(reading.clone());
+    reading
 }
 
 fn ch(n: u64) -> ChannelId {
@@ -215,10 +146,10 @@ async fn tls_publish_arrives_merged_and_readings_are_removed() {
     let store = Arc::new(FakeStore::default());
     // All measured within one (closed) 1 s window.
     let at = Utc::now() - TimeDelta::seconds(5);
-    store.push_at(c, field(1), Value::Number(20.0), at);
-    store.push_at(c, field(2), Value::Number(40.0), at);
-    store.push_at(c, field(1), Value::Number(21.5), at);
-    store.push_at(c, Target::Status, Value::Text("all ok".into()), at);
+    push_at(&store, c, field(1), Value::Number(20.0), at);
+    push_at(&store, c, field(2), Value::Number(40.0), at);
+    push_at(&store, c, field(1), Value::Number(21.5), at);
+    push_at(&store, c, Target::Status, Value::Text("all ok".into()), at);
 
     let fwd = start(config(&emu, Transport::Tls, 1.0), store.clone());
     let entries = emu
@@ -232,7 +163,7 @@ async fn tls_publish_arrives_merged_and_readings_are_removed() {
     assert_eq!(e.get(Target::Status), Some("all ok"));
     assert_eq!(e.get(field(3)), None);
 
-    wait_until("readings removed after the write", || store.len() == 0).await;
+    wait_until("readings removed after the write", || store.is_empty()).await;
     assert_eq!(store.removed(), 4);
     let m = fwd.metrics.clone();
     assert_eq!(m.updates_sent_total.with_label_values(&["1001"]).get(), 1);
@@ -264,11 +195,11 @@ async fn wss_publish_arrives() {
     let c = ch(1002);
     let emu = emulator(Duration::from_secs(1), &[c], true).await;
     let store = Arc::new(FakeStore::default());
-    store.push(c, field(8), Value::Text("over websocket".into()));
+    push(&store, c, field(8), Value::Text("over websocket".into()));
     let fwd = start(config(&emu, Transport::Wss, 1.0), store.clone());
     let entries = emu.wait_for_entries(c, 1, WAIT).await.expect("entry");
     assert_eq!(entries[0].get(field(8)), Some("over websocket"));
-    wait_until("reading removed", || store.len() == 0).await;
+    wait_until("reading removed", || store.is_empty()).await;
     fwd.stop().await;
 }
 
@@ -286,8 +217,8 @@ async fn rate_limit_is_respected_at_the_receiver() {
         let store = store.clone();
         tokio::spawn(async move {
             for i in 0..45 {
-                store.push(a, field(1), Value::Number(f64::from(i)));
-                store.push(b, field(2), Value::Number(f64::from(i)));
+                push(&store, a, field(1), Value::Number(f64::from(i)));
+                push(&store, b, field(2), Value::Number(f64::from(i)));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -298,7 +229,7 @@ async fn rate_limit_is_respected_at_the_receiver() {
         .await
         .expect("several updates accepted");
     // Let any remaining update go out, then check nothing was ever too fast.
-    wait_until("queue drained", || store.len() == 0).await;
+    wait_until("queue drained", || store.is_empty()).await;
     fwd.stop().await;
     let counters_end = emu.counters();
     assert_eq!(
@@ -342,8 +273,8 @@ async fn readings_stay_queued_while_down_and_arrive_after_reconnect() {
     );
     emu.drop_all_connections();
     let at = Utc::now();
-    store.push_at(c, field(1), Value::Number(7.0), at);
-    store.push_at(c, field(2), Value::Number(8.0), at);
+    push_at(&store, c, field(1), Value::Number(7.0), at);
+    push_at(&store, c, field(2), Value::Number(8.0), at);
 
     // While down, the readings are not removed and nothing is stored upstream.
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -378,7 +309,7 @@ async fn readings_stay_queued_while_down_and_arrive_after_reconnect() {
     let entries = emu.wait_for_entries(c, 1, WAIT).await.expect("delivered");
     assert_eq!(entries[0].get(field(1)), Some("7"));
     assert_eq!(entries[0].get(field(2)), Some("8"));
-    wait_until("readings removed", || store.len() == 0).await;
+    wait_until("readings removed", || store.is_empty()).await;
     assert!(
         fwd.metrics
             .upstream_connects_total
@@ -396,7 +327,7 @@ async fn interval_holds_across_a_reconnect() {
     let interval = Duration::from_secs(2);
     let emu = emulator(interval, &[c], false).await;
     let store = Arc::new(FakeStore::default());
-    store.push(c, field(1), Value::Number(1.0));
+    push(&store, c, field(1), Value::Number(1.0));
     let fwd = start(config(&emu, Transport::Tls, 2.0), store.clone());
     emu.wait_for_entries(c, 1, WAIT)
         .await
@@ -405,7 +336,7 @@ async fn interval_holds_across_a_reconnect() {
     // Lose the connection right after the update; the forwarder reconnects
     // within ~0.1-0.5 s, but must still wait out the channel's interval.
     emu.drop_all_connections();
-    store.push(c, field(1), Value::Number(2.0));
+    push(&store, c, field(1), Value::Number(2.0));
     let entries = emu
         .wait_for_entries(c, 2, WAIT)
         .await
@@ -422,7 +353,7 @@ async fn refused_credentials_are_retried_slowly_and_keep_readings() {
     let c = ch(4001);
     let emu = emulator(Duration::from_secs(1), &[c], false).await;
     let store = Arc::new(FakeStore::default());
-    store.push(c, field(1), Value::Number(1.0));
+    push(&store, c, field(1), Value::Number(1.0));
     let mut cfg = config(&emu, Transport::Tls, 1.0);
     cfg.password = Secret::new("wrong-password");
     cfg.reconnect_min_secs = 0.05;
@@ -573,12 +504,12 @@ async fn ten_hz_on_three_channels_gives_exact_window_aggregates_without_rate_lim
             let a = f64::from((i * 7) % 13) + 0.25 * n as f64;
             let b = f64::from(i) * 1.5 - 20.0;
             let now = Utc::now();
-            pushed.push(store.push_at(*c, field(1), Value::Number(a), now));
-            pushed.push(store.push_at(*c, field(2), Value::Number(b), now));
+            pushed.push(push_at(&store, *c, field(1), Value::Number(a), now));
+            pushed.push(push_at(&store, *c, field(2), Value::Number(b), now));
         }
     }
     wait_long("every window sent", Duration::from_secs(30), || {
-        store.len() == 0
+        store.is_empty()
     })
     .await;
     let metrics = fwd.metrics.clone();
@@ -622,10 +553,16 @@ async fn silently_dropped_updates_are_resent_until_confirmed_and_never_duplicate
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     for i in 0..30u32 {
         tick.tick().await;
-        pushed.push(store.push_at(c, field(1), Value::Number(f64::from(i)), Utc::now()));
+        pushed.push(push_at(
+            &store,
+            c,
+            field(1),
+            Value::Number(f64::from(i)),
+            Utc::now(),
+        ));
     }
     wait_long("every window confirmed", Duration::from_secs(60), || {
-        store.len() == 0
+        store.is_empty()
     })
     .await;
     let metrics = fwd.metrics.clone();
@@ -676,7 +613,7 @@ async fn an_outage_backlog_is_backfilled_by_bulk_calls_while_live_updates_contin
     let mut pushed = Vec::new();
     for i in 0..100i64 {
         let at = started - TimeDelta::milliseconds(20_000 - i * 200);
-        pushed.push(store.push_at(c, field(1), Value::Number(i as f64), at));
+        pushed.push(push_at(&store, c, field(1), Value::Number(i as f64), at));
     }
     let mut cfg = config(&emu, Transport::Tls, 1.0);
     cfg.rest_host = "127.0.0.1".into();
@@ -695,12 +632,18 @@ async fn an_outage_backlog_is_backfilled_by_bulk_calls_while_live_updates_contin
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     for i in 100..140i64 {
         tick.tick().await;
-        pushed.push(store.push_at(c, field(1), Value::Number(i as f64), Utc::now()));
+        pushed.push(push_at(
+            &store,
+            c,
+            field(1),
+            Value::Number(i as f64),
+            Utc::now(),
+        ));
     }
     wait_long(
         "backlog and live data sent",
         Duration::from_secs(30),
-        || store.len() == 0,
+        || store.is_empty(),
     )
     .await;
     fwd.stop().await;
@@ -762,11 +705,17 @@ async fn sparse_readings_survive_many_idle_renewals() {
     let fwd = start(cfg, store.clone());
     let mut pushed = Vec::new();
     for i in 0..5u32 {
-        pushed.push(store.push_at(c, field(1), Value::Number(f64::from(i)), Utc::now()));
+        pushed.push(push_at(
+            &store,
+            c,
+            field(1),
+            Value::Number(f64::from(i)),
+            Utc::now(),
+        ));
         tokio::time::sleep(Duration::from_millis(3700)).await;
     }
     wait_long("all delivered", Duration::from_secs(20), || {
-        store.len() == 0
+        store.is_empty()
     })
     .await;
     let metrics = fwd.metrics.clone();
@@ -792,7 +741,7 @@ fn seed_backlog(store: &FakeStore, c: ChannelId, n: i64) -> (DateTime<Utc>, Vec<
     let readings = (0..n)
         .map(|i| {
             let at = now - TimeDelta::milliseconds((n - i) * 200);
-            store.push_at(c, field(1), Value::Number(i as f64), at)
+            push_at(&store, c, field(1), Value::Number(i as f64), at)
         })
         .collect();
     (now, readings)
@@ -808,7 +757,7 @@ async fn backfill_newest_sends_only_the_newest_window_and_counts_the_rest() {
     cfg.backfill = tsgw_forwarder::Backfill::Newest;
     let fwd = start(cfg, store.clone());
     wait_long("backlog handled", Duration::from_secs(20), || {
-        store.len() == 0
+        store.is_empty()
     })
     .await;
     let metrics = fwd.metrics.clone();
@@ -848,7 +797,7 @@ async fn backfill_mqtt_downsamples_a_long_backlog_and_keeps_every_reading_covere
         },
     );
     let fwd = start(cfg, store.clone());
-    wait_long("backlog sent", Duration::from_secs(30), || store.len() == 0).await;
+    wait_long("backlog sent", Duration::from_secs(30), || store.is_empty()).await;
     fwd.stop().await;
     let windows = expected_windows(&pushed, c, 1000, |_| Aggregate::Count);
     let entries = emu.entries(c);
@@ -904,9 +853,15 @@ async fn bulk_calls_back_off_on_429_and_succeed_later() {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     for i in 30..60i64 {
         tick.tick().await;
-        pushed.push(store.push_at(c, field(1), Value::Number(i as f64), Utc::now()));
+        pushed.push(push_at(
+            &store,
+            c,
+            field(1),
+            Value::Number(i as f64),
+            Utc::now(),
+        ));
     }
-    wait_long("all sent", Duration::from_secs(30), || store.len() == 0).await;
+    wait_long("all sent", Duration::from_secs(30), || store.is_empty()).await;
     fwd.stop().await;
     let expected = expected_windows(&pushed, c, 1000, |_| Aggregate::Last);
     assert_eq!(actual_windows(&emu.entries(c), &[field(1)]), expected);
@@ -942,10 +897,10 @@ async fn each_credential_set_gets_its_own_connection_and_channels() {
     }];
     let fwd = start(cfg, store.clone());
     let at = Utc::now();
-    store.push_at(a, field(1), Value::Number(1.0), at);
-    store.push_at(b, field(1), Value::Number(2.0), at);
-    store.push_at(d, field(1), Value::Number(3.0), at);
-    wait_until("all three delivered", || store.len() == 0).await;
+    push_at(&store, a, field(1), Value::Number(1.0), at);
+    push_at(&store, b, field(1), Value::Number(2.0), at);
+    push_at(&store, d, field(1), Value::Number(3.0), at);
+    wait_until("all three delivered", || store.is_empty()).await;
     let metrics = fwd.metrics.clone();
     fwd.stop().await;
     assert_eq!(emu.entries(a)[0].get(field(1)), Some("1"));
@@ -1013,8 +968,8 @@ async fn legacy_write_key_topics_over_plain_tcp_deliver_and_confirm() {
         ..UpstreamConfig::default()
     };
     let fwd = start(cfg, store.clone());
-    store.push(c, field(2), Value::Number(42.0));
-    wait_until("delivered", || store.len() == 0).await;
+    push(&store, c, field(2), Value::Number(42.0));
+    wait_until("delivered", || store.is_empty()).await;
     let metrics = fwd.metrics.clone();
     fwd.stop().await;
     assert_eq!(emu.entries(c)[0].get(field(2)), Some("42"));
@@ -1040,14 +995,14 @@ async fn single_field_updates_use_the_field_feed_topic_when_enabled() {
     cfg.field_topics = true;
     let fwd = start(cfg, store.clone());
     let at = Utc::now() - TimeDelta::seconds(5);
-    store.push_at(c, field(3), Value::Number(7.5), at);
+    push_at(&store, c, field(3), Value::Number(7.5), at);
     let first = emu.wait_for_entries(c, 1, WAIT).await.expect("first");
     // Two targets in one window: the channel feed topic as usual.
     let at = Utc::now();
-    store.push_at(c, field(1), Value::Number(1.0), at);
-    store.push_at(c, field(2), Value::Number(2.0), at);
+    push_at(&store, c, field(1), Value::Number(1.0), at);
+    push_at(&store, c, field(2), Value::Number(2.0), at);
     let entries = emu.wait_for_entries(c, 2, WAIT).await.expect("second");
-    wait_until("removed", || store.len() == 0).await;
+    wait_until("removed", || store.is_empty()).await;
     fwd.stop().await;
     assert_eq!(first[0].get(field(3)), Some("7.5"));
     // A field publish has no created_at: ThingSpeak stamps its own time.
