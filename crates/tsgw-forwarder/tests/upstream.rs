@@ -741,7 +741,7 @@ fn seed_backlog(store: &FakeStore, c: ChannelId, n: i64) -> (DateTime<Utc>, Vec<
     let readings = (0..n)
         .map(|i| {
             let at = now - TimeDelta::milliseconds((n - i) * 200);
-            push_at(&store, c, field(1), Value::Number(i as f64), at)
+            push_at(store, c, field(1), Value::Number(i as f64), at)
         })
         .collect();
     (now, readings)
