@@ -1,7 +1,10 @@
 //! `tsgw-bench e2e-latency`: one device publishes a unique value, spaced wider
 //! than the rate limit (so nothing merges or waits for a window), and the
 //! bench polls the in-process emulator every millisecond until the entry is
-//! there. Latency = entry visible − publish call.
+//! there. Latency = entry visible − publish call. The forwarder sends a
+//! channel's readings per closed rate-limit window (at least 1 s, aligned to
+//! Unix seconds, closed 250 ms after its end), so by design this is about
+//! 0.25 to 1.25 s plus transport.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,7 +23,8 @@ pub struct LatencyArgs {
     /// Rate limit of the emulator and the gateway, seconds (gateway minimum 0.1).
     #[arg(long, default_value_t = 0.1)]
     pub interval: f64,
-    /// Pause between readings, ms (keep it above the interval).
+    /// Shortest pause between readings, ms; a random 0..1000 ms is added so
+    /// samples fall at every phase of the forwarder's 1 s windows.
     #[arg(long, default_value_t = 250)]
     pub gap_ms: u64,
 }
@@ -43,7 +47,9 @@ pub async fn run(args: LatencyArgs, binary: PathBuf) -> Result<String> {
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let mut latencies = Vec::new();
         for i in 0..args.samples {
-            let value = format!("{}{}", qos as u8, 100_000 + i);
+            // Unique and plain (no leading zero), so the number comes back as sent.
+            let value = format!("{}", (u64::from(qos as u8) + 1) * 1_000_000 + u64::from(i));
+            let wanted: f64 = (u64::from(qos as u8) + 1) as f64 * 1_000_000.0 + f64::from(i);
             let sent = Instant::now();
             device
                 .publish(
@@ -56,7 +62,8 @@ pub async fn run(args: LatencyArgs, binary: PathBuf) -> Result<String> {
                 let seen = emu
                     .entries(ch)
                     .last()
-                    .is_some_and(|e| e.field(1) == Some(value.as_str()));
+                    .and_then(|e| e.field(1).and_then(|v| v.parse::<f64>().ok()))
+                    .is_some_and(|v| v == wanted);
                 if seen {
                     latencies.push(sent.elapsed().as_secs_f64());
                     break;
@@ -66,7 +73,8 @@ pub async fn run(args: LatencyArgs, binary: PathBuf) -> Result<String> {
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
+            let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..1000);
+            tokio::time::sleep(Duration::from_millis(args.gap_ms + jitter)).await;
         }
         by_qos.push((qos, latencies));
     }

@@ -34,9 +34,13 @@ pub struct IngestArgs {
     /// Measured seconds per case (after 2 s of warm-up).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Offered rate of the paced cases, readings/s across all publishers.
-    #[arg(long, default_value_t = 20_000.0)]
-    pub rate: f64,
+    /// Offered rates of the paced cases, readings/s across all publishers.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![20_000.0, 40_000.0])]
+    pub rate: Vec<f64>,
+    /// Also run unpaced floods. On a 2-core machine the publishers then take
+    /// the CPU the gateway needs, so these measure the bench more than tsgw.
+    #[arg(long)]
+    pub flood: bool,
     /// Scrape period of /metrics, ms (the latency resolution).
     #[arg(long, default_value_t = 5)]
     pub scrape_ms: u64,
@@ -151,7 +155,11 @@ pub async fn run(args: IngestArgs, binary: PathBuf) -> Result<String> {
         "load avg",
     ]);
     for &level in &args.qos {
-        for rate in [None, Some(args.rate)] {
+        let mut rates: Vec<Option<f64>> = args.rate.iter().copied().map(Some).collect();
+        if args.flood {
+            rates.insert(0, None);
+        }
+        for &rate in &rates {
             for upstream in [Upstream::Down, Upstream::Up] {
                 let spec = LoadSpec {
                     publishers: args.publishers,
