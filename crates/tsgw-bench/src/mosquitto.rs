@@ -32,6 +32,9 @@ pub struct MosquittoArgs {
     pub mosquitto: PathBuf,
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
+    /// Offered rate of the paced cases, readings/s (the floods follow).
+    #[arg(long, default_value_t = 20_000.0)]
+    pub rate: f64,
     /// Measured seconds per case.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
@@ -81,7 +84,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  sys_interval 1\nlog_dest file {log}\nlog_type all\n\
                  connection thingspeak\naddress {upstream}\ntopic channels/# out 0\n\
                  remote_clientid {CLIENT_ID}\nremote_username {USERNAME}\nremote_password {PASSWORD}\n\
@@ -125,9 +128,9 @@ impl Drop for Mosquitto {
 }
 
 /// Follows mosquitto's received-publish counter through `$SYS`.
-async fn sys_probe(broker: SocketAddr) -> Result<Probe> {
+async fn sys_probe(broker: SocketAddr, id: &str) -> Result<Probe> {
     let received = Arc::new(AtomicU64::new(0));
-    let mut opts = MqttOptions::new("bench-sys", broker.ip().to_string(), broker.port());
+    let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     client
@@ -166,11 +169,16 @@ async fn sys_probe(broker: SocketAddr) -> Result<Probe> {
     }))
 }
 
-fn spec(publishers: usize, qos: u8, seconds: u64) -> LoadSpec {
+/// The cases both brokers run: (QoS, offered rate or flood).
+fn cases(rate: f64) -> Vec<(u8, Option<f64>)> {
+    vec![(0, Some(rate)), (1, Some(rate)), (0, None), (1, None)]
+}
+
+fn spec(publishers: usize, qos: u8, rate: Option<f64>, seconds: u64) -> LoadSpec {
     LoadSpec {
         publishers,
         qos: qos_of(qos),
-        rate: None,
+        rate,
         warmup: Duration::from_secs(2),
         duration: Duration::from_secs(seconds),
         topic: dropin_topic,
@@ -259,12 +267,12 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
     let m_idle_rss = harness::rss_kib(m_pid)?;
     let m_idle_cpu = idle_cpu(m_pid, args.idle_seconds).await?;
     let mut m_runs: Vec<LoadOutcome> = Vec::new();
-    for qos in [0u8, 1] {
-        let probe = sys_probe(m.addr).await?;
+    for (i, (qos, rate)) in cases(args.rate).into_iter().enumerate() {
+        let probe = sys_probe(m.addr, &format!("bench-sys-{i}")).await?;
         m_runs.push(
             load::run(
                 m.addr,
-                &spec(args.publishers, qos, args.seconds),
+                &spec(args.publishers, qos, rate, args.seconds),
                 probe,
                 Duration::from_millis(50),
                 Duration::from_secs(3),
@@ -283,11 +291,11 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
     let g_idle_rss = harness::rss_kib(g_pid)?;
     let g_idle_cpu = idle_cpu(g_pid, args.idle_seconds).await?;
     let mut g_runs: Vec<LoadOutcome> = Vec::new();
-    for qos in [0u8, 1] {
+    for (qos, rate) in cases(args.rate) {
         g_runs.push(
             load::run(
                 gateway.mqtt,
-                &spec(args.publishers, qos, args.seconds),
+                &spec(args.publishers, qos, rate, args.seconds),
                 probe_metric(&gateway, Upstream::Up),
                 Duration::from_millis(20),
                 Duration::from_secs(5),
@@ -317,29 +325,33 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
         format!("{:.2} %", m_idle_cpu * 100.0),
         ratio(g_idle_cpu, m_idle_cpu),
     ]);
-    for (i, qos) in [0u8, 1].iter().enumerate() {
+    for (i, (qos, rate)) in cases(args.rate).into_iter().enumerate() {
         let (g, m) = (&g_runs[i], &m_runs[i]);
+        let load = rate
+            .map(|r| format!("QoS {qos} at {r:.0}/s"))
+            .unwrap_or_else(|| format!("QoS {qos} flood ×{}", args.publishers));
         table.row(vec![
-            format!("QoS {qos} flood ×{}: ingested/s", args.publishers),
+            format!("{load}: ingested/s"),
             format!("{:.0}", g.done_rate()),
             format!("{:.0}", m.done_rate()),
             ratio(g.done_rate(), m.done_rate()),
         ]);
         table.row(vec![
-            format!("QoS {qos}: CPU under load"),
+            format!("{load}: CPU"),
             format!("{:.0} %", g.cpu_share * 100.0),
             format!("{:.0} %", m.cpu_share * 100.0),
             ratio(g.cpu_share, m.cpu_share),
         ]);
         table.row(vec![
-            format!("QoS {qos}: peak RSS under load"),
+            format!("{load}: peak RSS"),
             format!("{:.1} MiB", mib(g.peak_rss_kib)),
             format!("{:.1} MiB", mib(m.peak_rss_kib)),
             ratio(g.peak_rss_kib as f64, m.peak_rss_kib as f64),
         ]);
     }
     report.push_str(&format!(
-        "Same load (drop-in topics `channels/1001/publish/fields/fieldN`, {} publishers, {} s):\n\n{}\n\n\
+        "Same load (drop-in topics `channels/1001/publish/fields/fieldN`, {} publishers, {} s per case; \
+         CPU in % of one core):\n\n{}\n\n\
          tsgw \"ingested\" = readings accepted towards its durable queue; mosquitto \"ingested\" = \
          PUBLISHes its broker received ($SYS, 1 s resolution). mosquitto stores nothing durably \
          (persistence off; with it on it still only autosaves) and forwards at the line rate, \
