@@ -216,6 +216,57 @@ fn delivered(emu: &EmulatorHandle) -> BTreeMap<Slot, Vec<u64>> {
     out
 }
 
+/// What one SIGKILL left behind, judged against what was delivered and acked.
+#[derive(Debug, PartialEq)]
+struct KillVerdict {
+    /// Per slot, the newest stored value not yet delivered: it must arrive
+    /// after the restart (older stored values of the slot may merge into it).
+    must_arrive: BTreeMap<Slot, u64>,
+    /// Readings in the store.
+    stored: u64,
+    /// Acked values newer than anything stored or delivered.
+    acked_not_stored: u64,
+}
+
+fn judge_kill(
+    stored: &BTreeMap<Slot, Vec<u64>>,
+    delivered: &BTreeMap<Slot, Vec<u64>>,
+    acked: &BTreeMap<Slot, u64>,
+) -> KillVerdict {
+    let mut verdict = KillVerdict {
+        must_arrive: BTreeMap::new(),
+        stored: stored.values().map(|v| v.len() as u64).sum(),
+        acked_not_stored: 0,
+    };
+    for slot in slots() {
+        let newest_stored = stored.get(&slot).and_then(|v| v.iter().max().copied());
+        let newest_sent = delivered.get(&slot).and_then(|v| v.iter().max().copied());
+        if let Some(v) = newest_stored {
+            if newest_sent.is_none_or(|s| v > s) {
+                verdict.must_arrive.insert(slot, v);
+            }
+        }
+        // Values of a slot are published in order, so everything acked above
+        // this frontier was neither stored nor delivered.
+        let frontier = newest_stored.unwrap_or(0).max(newest_sent.unwrap_or(0));
+        let newest_acked = acked.get(&slot).copied().unwrap_or(0);
+        verdict.acked_not_stored += newest_acked.saturating_sub(frontier);
+    }
+    verdict
+}
+
+/// The expected (slot, value) pairs the emulator does not have.
+fn missing(
+    expected: &BTreeMap<Slot, u64>,
+    delivered: &BTreeMap<Slot, Vec<u64>>,
+) -> Vec<(Slot, u64)> {
+    expected
+        .iter()
+        .filter(|(slot, want)| !delivered.get(slot).is_some_and(|v| v.contains(want)))
+        .map(|(slot, want)| (*slot, *want))
+        .collect()
+}
+
 #[derive(Default)]
 struct Tally {
     kills: u32,
@@ -255,14 +306,11 @@ pub async fn run(args: CrashArgs, binary: PathBuf) -> Result<String> {
         if !drain(&gateway).await? {
             tally.drain_timeouts += 1;
         }
-        let got = delivered(&emu);
-        for (slot, want) in &expected {
-            if !got.get(slot).is_some_and(|v| v.contains(want)) {
-                tally.lost_flushed += 1;
-                tally.lost_detail.push(format!(
-                    "kill {iteration}: slot {slot:?} value {want} was on disk, never delivered"
-                ));
-            }
+        for (slot, want) in missing(&expected, &delivered(&emu)) {
+            tally.lost_flushed += 1;
+            tally.lost_detail.push(format!(
+                "kill {iteration}: slot {slot:?} value {want} was on disk, never delivered"
+            ));
         }
         expected.clear();
         if iteration == args.iterations {
@@ -310,20 +358,10 @@ pub async fn run(args: CrashArgs, binary: PathBuf) -> Result<String> {
         }
         let got = delivered(&emu);
         let l = ledger.lock().unwrap_or_else(|p| p.into_inner());
-        for slot in slots() {
-            let on_disk = stored.get(&slot).and_then(|v| v.iter().max().copied());
-            let sent = got.get(&slot).and_then(|v| v.iter().max().copied());
-            if let Some(v) = on_disk {
-                tally.stored_at_kill += stored[&slot].len() as u64;
-                // Newer than anything delivered: must arrive after the restart.
-                if sent.is_none_or(|s| v > s) {
-                    expected.insert(slot, v);
-                }
-            }
-            let frontier = on_disk.unwrap_or(0).max(sent.unwrap_or(0));
-            let acked = l.acked.get(&slot).copied().unwrap_or(0);
-            tally.acked_not_durable += acked.saturating_sub(frontier);
-        }
+        let verdict = judge_kill(&stored, &got, &l.acked);
+        tally.stored_at_kill += verdict.stored;
+        tally.acked_not_durable += verdict.acked_not_stored;
+        expected = verdict.must_arrive;
         drop(l);
         eprintln!(
             "kill {}/{}: ran {run_ms} ms, {} readings on disk, {} lost-flushed so far, {:.0} s elapsed",
@@ -501,4 +539,35 @@ fn power_cut(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map<V: Clone>(items: &[(Slot, V)]) -> BTreeMap<Slot, V> {
+        items.iter().cloned().collect()
+    }
+
+    #[test]
+    fn the_newest_undelivered_stored_value_must_arrive() {
+        let stored = map(&[((1001, 1), vec![5, 6, 7]), ((1001, 2), vec![3])]);
+        let delivered = map(&[((1001, 1), vec![1, 4]), ((1001, 2), vec![3])]);
+        let acked = map(&[((1001, 1), 9), ((1001, 2), 3), ((1002, 1), 2)]);
+        let v = judge_kill(&stored, &delivered, &acked);
+        // Slot (1001,2)'s 3 was already delivered (sent, not yet removed): nothing owed.
+        assert_eq!(v.must_arrive, map(&[((1001, 1), 7)]));
+        assert_eq!(v.stored, 4);
+        // 8 and 9 of (1001,1), 1 and 2 of (1002,1) were acked but never kept.
+        assert_eq!(v.acked_not_stored, 4);
+    }
+
+    #[test]
+    fn a_merged_delivery_of_the_newest_value_is_enough() {
+        let expected = map(&[((1001, 1), 7), ((1003, 8), 2)]);
+        let delivered = map(&[((1001, 1), vec![4, 7])]);
+        assert_eq!(missing(&expected, &delivered), vec![((1003, 8), 2)]);
+        let delivered = map(&[((1001, 1), vec![4, 7]), ((1003, 8), vec![2])]);
+        assert!(missing(&expected, &delivered).is_empty());
+    }
 }
