@@ -38,6 +38,9 @@ pub struct MosquittoArgs {
     /// Measured seconds per case.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Only try the bridge configurations, skip the load comparison.
+    #[arg(long)]
+    pub bridge_only: bool,
     /// Idle CPU window, seconds.
     #[arg(long, default_value_t = 20)]
     pub idle_seconds: u64,
@@ -55,9 +58,15 @@ fn dropin_payload(_publisher: usize, n: u64) -> Vec<u8> {
     n.to_string().into_bytes()
 }
 
-/// The bridge settings tried, in order: mosquitto's defaults first.
-const BRIDGES: [(&str, &str); 2] = [
+/// The bridge settings tried, in order: mosquitto's defaults first, the
+/// full ThingSpeak-compatible set last (the load runs use the first that works).
+const BRIDGES: [(&str, &str); 4] = [
     ("mosquitto defaults", ""),
+    ("try_private false", "try_private false\n"),
+    (
+        "try_private false, cleansession true",
+        "try_private false\ncleansession true\n",
+    ),
     (
         "ThingSpeak-compatible",
         "bridge_protocol_version mqttv311\ntry_private false\ncleansession true\nnotifications false\n",
@@ -230,7 +239,12 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = emu.counters();
         let entries = emu.entries(harness::channel(1001)).len() - entries_before;
-        let log = m.log_lines(&["thingspeak", "Bridge", "bridge", "Connection", "refused"]);
+        let log = m.log_lines(&[
+            "refused",
+            "Connection Refused",
+            "disconnect",
+            "Socket error",
+        ]);
         bridges.row(vec![
             name.into(),
             format!(
@@ -257,7 +271,10 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
         "Bridge to the emulator:\n\n{}\n\n",
         bridges.render()
     ));
-    let extra = working.unwrap_or(BRIDGES[1].1);
+    if args.bridge_only {
+        return Ok(report);
+    }
+    let extra = working.unwrap_or(BRIDGES[BRIDGES.len() - 1].1);
 
     // 2. Same load, both brokers, upstream connected.
     let mut table = Table::new(&["figure", "tsgw", "mosquitto + bridge", "tsgw / mosquitto"]);
