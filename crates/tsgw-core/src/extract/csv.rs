@@ -143,23 +143,9 @@ fn split_cells(text: &str, separator: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use thingspeak::{ChannelId, Target};
 
     fn csv(columns: &[(&str, &str)], separator: &str) -> Result<Csv, FormatError> {
-        let columns = columns
-            .iter()
-            .map(|(c, t)| {
-                (
-                    c.to_string(),
-                    Destination {
-                        channel: ChannelId::new(1).unwrap(),
-                        target: t.parse::<Target>().unwrap(),
-                        scale: 1.0,
-                        offset: 0.0,
-                    },
-                )
-            })
-            .collect();
+        let columns = crate::extract::test_mapping(columns, 1.0);
         Csv::new(columns, separator.into(), Some(3))
     }
 

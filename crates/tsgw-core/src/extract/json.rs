@@ -146,20 +146,7 @@ mod tests {
     use thingspeak::{ChannelId, Target};
 
     fn json(pointers: &[(&str, &str)]) -> Json {
-        let fields = pointers
-            .iter()
-            .map(|(p, t)| {
-                (
-                    p.to_string(),
-                    Destination {
-                        channel: ChannelId::new(1).unwrap(),
-                        target: t.parse::<Target>().unwrap(),
-                        scale: 1.0,
-                        offset: 0.0,
-                    },
-                )
-            })
-            .collect();
+        let fields = crate::extract::test_mapping(pointers, 1.0);
         Json::new(fields, None).unwrap()
     }
 

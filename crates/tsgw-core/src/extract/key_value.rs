@@ -89,23 +89,9 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use thingspeak::{ChannelId, Target};
 
     fn kv(keys: &[(&str, &str)], pair: &str, sep: &str) -> KeyValue {
-        let fields = keys
-            .iter()
-            .map(|(k, t)| {
-                (
-                    k.to_string(),
-                    Destination {
-                        channel: ChannelId::new(1).unwrap(),
-                        target: t.parse::<Target>().unwrap(),
-                        scale: 1.0,
-                        offset: 0.0,
-                    },
-                )
-            })
-            .collect();
+        let fields = crate::extract::test_mapping(keys, 1.0);
         KeyValue::new(fields, pair.into(), sep.into(), Some("ts".into())).unwrap()
     }
 

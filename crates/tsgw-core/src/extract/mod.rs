@@ -316,6 +316,25 @@ impl Extractor {
     }
 }
 
+/// Test helper: `(key, "fieldN")` pairs mapped to channel 1 with `scale` and no offset.
+#[cfg(test)]
+pub(crate) fn test_mapping(pairs: &[(&str, &str)], scale: f64) -> Vec<(String, Destination)> {
+    pairs
+        .iter()
+        .map(|(key, target)| {
+            (
+                key.to_string(),
+                Destination {
+                    channel: ChannelId::new(1).expect("1 is a channel id"),
+                    target: target.parse().expect("test target"),
+                    scale,
+                    offset: 0.0,
+                },
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,20 +98,7 @@ mod tests {
     use thingspeak::{ChannelId, Target};
 
     fn regex(pattern: &str, groups: &[(&str, &str)]) -> Result<Regex, FormatError> {
-        let groups = groups
-            .iter()
-            .map(|(g, t)| {
-                (
-                    g.to_string(),
-                    Destination {
-                        channel: ChannelId::new(1).unwrap(),
-                        target: t.parse::<Target>().unwrap(),
-                        scale: 10.0,
-                        offset: 0.0,
-                    },
-                )
-            })
-            .collect();
+        let groups = crate::extract::test_mapping(groups, 10.0);
         Regex::new(pattern, groups, None)
     }
 
