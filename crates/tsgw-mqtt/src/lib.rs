@@ -100,7 +100,7 @@ impl MqttSource {
         // anything else was started.
         let plain = bind(config.listen, "listen").await?;
         let tls = match &config.tls {
-            Some(t) => Some((bind(Some(t.listen), "tls.listen").await?, t)),
+            Some(t) => bind(Some(t.listen), "tls.listen").await?.map(|l| (l, t)),
             None => None,
         };
         let ws = bind(config.websocket_listen, "websocket_listen").await?;
@@ -109,7 +109,7 @@ impl MqttSource {
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let mut addrs = ListenAddrs::default();
         let mut fronts = Vec::new();
-        if let Some(listener) = plain.flatten_listener() {
+        if let Some(listener) = plain {
             fronts.push(Front {
                 name: "mqtt",
                 listener,
@@ -122,9 +122,7 @@ impl MqttSource {
                 .map_err(MqttSourceError::Tls)?;
             fronts.push(Front {
                 name: "mqtts",
-                listener: listener
-                    .flatten_listener()
-                    .ok_or_else(|| MqttSourceError::Invalid("tls.listen was not bound".into()))?,
+                listener,
                 backend: embedded.tcp_backend,
                 handshake: Handshake::Tls {
                     acceptor,
@@ -132,7 +130,7 @@ impl MqttSource {
                 },
             });
         }
-        if let (Some(listener), Some(backend)) = (ws.flatten_listener(), embedded.ws_backend) {
+        if let (Some(listener), Some(backend)) = (ws, embedded.ws_backend) {
             fronts.push(Front {
                 name: "mqtt-ws",
                 listener,
@@ -185,24 +183,16 @@ impl MqttSource {
     }
 }
 
-/// A bound listener, or none when the key is unset.
-struct MaybeListener(Option<TcpListener>);
-
-impl MaybeListener {
-    fn flatten_listener(self) -> Option<TcpListener> {
-        self.0
-    }
-}
-
+/// Binds `addr` if the key is set.
 async fn bind(
     addr: Option<SocketAddr>,
     key: &'static str,
-) -> Result<MaybeListener, MqttSourceError> {
+) -> Result<Option<TcpListener>, MqttSourceError> {
     match addr {
-        None => Ok(MaybeListener(None)),
+        None => Ok(None),
         Some(addr) => TcpListener::bind(addr)
             .await
-            .map(|l| MaybeListener(Some(l)))
+            .map(Some)
             .map_err(|source| MqttSourceError::Bind { key, addr, source }),
     }
 }
