@@ -132,15 +132,20 @@ impl Gateway {
 
     pub fn start_with_env(config_path: &Path, env: &[(&str, &str)]) -> Gateway {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tsgw"));
-        command
-            .args(["run", "--config"])
-            .arg(config_path)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        command.args(["run", "--config"]).arg(config_path);
         for (k, v) in env {
             command.env(k, v);
         }
+        Self::start_command(command, config_path)
+    }
+
+    /// Starts `command`, which must end up exec'ing `tsgw run --config <config_path>`
+    /// (for example through `unshare`), so that the child's pid is the gateway's.
+    pub fn start_command(mut command: Command, config_path: &Path) -> Gateway {
+        command
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("tsgw starts");
         let stderr = child.stderr.take().expect("stderr piped");
         let logs = Arc::new(Mutex::new(Vec::new()));

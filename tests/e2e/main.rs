@@ -6,5 +6,6 @@ mod common;
 mod config_errors;
 mod delivery;
 mod devices;
+mod disk_full;
 mod durability;
 mod operations;
