@@ -5,18 +5,23 @@
 //! the maximum line length the line is reported as over-long, the bytes are
 //! dropped, and everything up to the next terminator is skipped so that the
 //! following line is read cleanly.
+//!
+//! Public so that the fuzz target `serial_framing` (in `fuzz/`) can drive it
+//! with arbitrary bytes; inside the gateway only the port task uses it.
 
 /// One unit cut from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Frame {
+pub enum Frame {
     /// A complete line without its terminator and without surrounding `\r`.
     Line(Vec<u8>),
     /// A line longer than the maximum was dropped (reported once per line).
     Overlong,
 }
 
+/// Cuts a byte stream into [`Frame`]s at a terminator, holding at most one
+/// line's worth of bytes between reads.
 #[derive(Debug)]
-pub(crate) struct LineFramer {
+pub struct LineFramer {
     terminator: Vec<u8>,
     max_line: usize,
     pending: Vec<u8>,
@@ -25,8 +30,15 @@ pub(crate) struct LineFramer {
 }
 
 impl LineFramer {
-    /// `terminator` must not be empty (checked by the config).
-    pub(crate) fn new(terminator: Vec<u8>, max_line: usize) -> Self {
+    /// Lines longer than `max_line` bytes (counted before `\r` is trimmed)
+    /// are reported as [`Frame::Overlong`].
+    ///
+    /// # Panics
+    ///
+    /// If `terminator` is empty; the port config rejects an empty terminator
+    /// before a framer is made.
+    pub fn new(terminator: Vec<u8>, max_line: usize) -> Self {
+        assert!(!terminator.is_empty(), "line terminator must not be empty");
         Self {
             terminator,
             max_line,
@@ -37,7 +49,7 @@ impl LineFramer {
 
     /// Feeds received bytes and appends the frames they complete to `out`.
     /// Memory held afterwards is at most `max_line + terminator.len()` bytes.
-    pub(crate) fn push(&mut self, data: &[u8], out: &mut Vec<Frame>) {
+    pub fn push(&mut self, data: &[u8], out: &mut Vec<Frame>) {
         self.pending.extend_from_slice(data);
         let tlen = self.terminator.len();
         let mut start = 0;
@@ -71,13 +83,14 @@ impl LineFramer {
     }
 
     /// Forgets a partial line, for a fresh start after a reconnect.
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.pending.clear();
         self.discarding = false;
     }
 
-    #[cfg(test)]
-    fn buffered(&self) -> usize {
+    /// Bytes held for a line not yet terminated: at most
+    /// `max_line + terminator.len()` after any [`push`](Self::push).
+    pub fn buffered(&self) -> usize {
         self.pending.len()
     }
 }
@@ -180,6 +193,25 @@ mod tests {
             }
             proptest::prop_assert_eq!(out, expected);
             proptest::prop_assert_eq!(f.buffered(), 0);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "line terminator must not be empty")]
+    fn an_empty_terminator_is_refused() {
+        LineFramer::new(Vec::new(), 8);
+    }
+
+    #[test]
+    fn self_overlapping_terminator_matches_leftmost_across_reads() {
+        // "aab" inside "aaab": the match starts at the second `a`, so the line
+        // is "a" however the bytes are split.
+        for split in 0..=6 {
+            let stream = b"aaabx\n";
+            let mut f = LineFramer::new(b"aab".to_vec(), 8);
+            let out = frames(&mut f, &[&stream[..split], &stream[split..]]);
+            assert_eq!(out, vec![line("a")], "split at {split}");
+            assert_eq!(f.buffered(), 2, "split at {split}");
         }
     }
 

@@ -13,7 +13,9 @@ mod backoff;
 mod config;
 mod error;
 mod escape;
-mod framing;
+/// The bounded line framer, public for the fuzz target `serial_framing`; not
+/// needed to run ports (see [`spawn_ports`]).
+pub mod framing;
 mod port;
 
 use std::collections::HashMap;
