@@ -72,7 +72,43 @@ pub fn gateway_config(
         .tls_addr()
         .context("emulator has no TLS listener")?;
     let ca = emulator.ca_file().context("emulator has no CA file")?;
-    Ok(format!(
+    let upstream = Upstream {
+        port: tls.port(),
+        ca,
+        reconnect_secs: (0.2, 1.0),
+        extra: "",
+    };
+    Ok(gateway_config_to(
+        &upstream,
+        queue_dir,
+        interval_secs,
+        flush_interval_ms,
+        extra,
+    ))
+}
+
+/// Where the gateway's upstream is, for harnesses that put something (a
+/// relay that can cut the link) between the gateway and the emulator.
+pub struct Upstream<'a> {
+    /// MQTT-over-TLS port on 127.0.0.1 (the emulator's certificate covers that address).
+    pub port: u16,
+    /// The emulator's CA, trusted by the gateway.
+    pub ca: &'a Path,
+    /// `reconnect_min_secs`, `reconnect_max_secs`.
+    pub reconnect_secs: (f64, f64),
+    /// More `[upstream]` keys (`key = value` lines).
+    pub extra: &'a str,
+}
+
+/// [`gateway_config`] with the upstream given explicitly.
+pub fn gateway_config_to(
+    upstream: &Upstream<'_>,
+    queue_dir: &Path,
+    interval_secs: f64,
+    flush_interval_ms: u64,
+    extra: &str,
+) -> String {
+    format!(
         r#"
 [upstream]
 host = "127.0.0.1"
@@ -84,8 +120,9 @@ username = "{USERNAME}"
 password = "{PASSWORD}"
 update_interval_secs = {interval_secs}
 keep_alive_secs = 10
-reconnect_min_secs = 0.2
-reconnect_max_secs = 1.0
+reconnect_min_secs = {reconnect_min:?}
+reconnect_max_secs = {reconnect_max:?}
+{upstream_extra}
 
 [queue]
 dir = {queue:?}
@@ -111,10 +148,13 @@ level = "info"
 format = "json"
 {extra}
 "#,
-        port = tls.port(),
-        ca = ca.display().to_string(),
+        port = upstream.port,
+        ca = upstream.ca.display().to_string(),
+        reconnect_min = upstream.reconnect_secs.0,
+        reconnect_max = upstream.reconnect_secs.1,
+        upstream_extra = upstream.extra,
         queue = queue_dir.display().to_string(),
-    ))
+    )
 }
 
 /// Where the release `tsgw` binary is: `--tsgw`, else next to this binary.
@@ -296,7 +336,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
             (metric == name && labels.iter().all(|want| label_part.contains(want)))
                 .then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        // An empty f64 sum is -0.0, which prints as "-0".
+        .sum::<f64>()
+        + 0.0
 }
 
 /// A load-generating device: a rumqttc client plus counters kept by its event loop.

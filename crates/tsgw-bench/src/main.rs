@@ -8,6 +8,7 @@ mod harness;
 mod ingest;
 mod load;
 mod mosquitto;
+mod outage;
 mod resources;
 mod stats;
 
@@ -39,6 +40,8 @@ enum Cmd {
     CrashLoop(crash::CrashArgs),
     /// The same load against Debian's mosquitto bridged to the emulator.
     CompareMosquitto(mosquitto::MosquittoArgs),
+    /// A long upstream outage (MQTT and REST cut) under QoS 1 load: nothing lost, backlog drains within the rate limits.
+    Outage(outage::OutageArgs),
 }
 
 fn main() -> Result<()> {
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
             Cmd::E2eLatency(a) => e2e_latency::run(a, binary).await,
             Cmd::CrashLoop(a) => crash::run(a, binary).await,
             Cmd::CompareMosquitto(a) => mosquitto::run(a, binary).await,
+            Cmd::Outage(a) => outage::run(a, binary).await,
         }
     })?;
     println!("{report}");
