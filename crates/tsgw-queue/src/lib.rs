@@ -22,8 +22,9 @@
 //!   again and checks every reading it had flushed; that covers a process dying
 //!   at any instruction, not a power cut (the page cache survives a kill), so
 //!   power-loss safety rests on sled's fsync ordering.
-//! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, filled by
-//!   one scan at open.
+//! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, and a
+//!   counts record written atomically with every change lets a big backlog
+//!   open without a scan (see `occupancy`).
 //!
 //! The value encoding is documented in [`codec`].
 
@@ -35,6 +36,7 @@ mod flusher;
 mod occupancy;
 mod open;
 mod queue;
+mod unflushed;
 
 pub use config::QueueConfig;
 pub use error::QueueError;

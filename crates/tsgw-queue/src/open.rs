@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{error, info, warn};
-use tsgw_core::Metrics;
+use tsgw_core::{ChannelId, Metrics, QueueKey};
 
-use crate::codec::{decode_key, decode_value};
+use crate::codec::{channel_prefix, decode_key, decode_value, encode_key};
 use crate::config::QueueConfig;
 use crate::error::QueueError;
-use crate::occupancy::Counts;
+use crate::occupancy::{Counts, COUNTS_KEY};
 
 /// Key in sled's default tree naming the layout of the `readings` tree.
 const FORMAT_KEY: &[u8] = b"tsgw-queue-format";
@@ -31,7 +31,7 @@ const FORMAT_KEY: &[u8] = b"tsgw-queue-format";
 const FORMAT_MARKER: &[u8] = b"tsgw-queue/1";
 const READINGS_TREE: &[u8] = b"readings";
 
-/// An open, scanned store.
+/// An open store with its counts.
 pub struct Opened {
     pub db: sled::Db,
     pub readings: sled::Tree,
@@ -141,7 +141,7 @@ fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> 
     let readings = db
         .open_tree(READINGS_TREE)
         .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
-    let (counts, max_seq) = scan(&readings, metrics)?;
+    let (counts, max_seq) = load_counts(&readings, metrics)?;
     Ok(Opened {
         db,
         readings,
@@ -188,6 +188,101 @@ fn check_format(db: &sled::Db, existed: bool) -> Result<(), Failure> {
     }
 }
 
+/// The counts from the stored record plus the readings pushed after it (see
+/// `occupancy`) when they name exactly the channels the store holds;
+/// otherwise (a store written before the record existed, or a record that
+/// disagrees) from a full scan, stored as a fresh record.
+fn load_counts(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> {
+    if let Some(trusted) = stored_counts(tree)? {
+        return Ok(trusted);
+    }
+    let (counts, max_seq) = scan(tree, metrics)?;
+    tree.insert(COUNTS_KEY, counts.encode(max_seq))
+        .map_err(|e| broken_unless_environment("storing the queue counts", e))?;
+    Ok((counts, max_seq))
+}
+
+fn stored_counts(tree: &sled::Tree) -> Result<Option<(Counts, u64)>, Failure> {
+    let record = tree
+        .get(COUNTS_KEY)
+        .map_err(|e| broken_unless_environment("reading the queue counts", e))?;
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let (mut counts, covered_seq) = match Counts::decode(&record) {
+        Ok(decoded) => decoded,
+        Err(reason) => {
+            warn!(%reason, "the queue's counts record is damaged; counting by a full scan");
+            return Ok(None);
+        }
+    };
+    let Some((channels, max_seq)) = present_channels(tree)? else {
+        // An undecodable key: the full scan removes and counts it.
+        return Ok(None);
+    };
+    // Readings pushed after the record was written.
+    if let Some(first_uncovered) = covered_seq.checked_add(1) {
+        for &channel in &channels {
+            let from = encode_key(QueueKey {
+                channel,
+                seq: first_uncovered,
+            });
+            for item in tree.range(from..).take_while(|item| {
+                item.as_ref()
+                    .map_or(true, |(k, _)| k.starts_with(&channel_prefix(channel)))
+            }) {
+                let (k, v) =
+                    item.map_err(|e| broken_unless_environment("counting recent readings", e))?;
+                counts.add(channel, (k.len() + v.len()) as u64);
+            }
+        }
+    }
+    if channels != counts.channels() {
+        warn!(
+            recorded = ?counts.channels(),
+            present = ?channels,
+            "the queue's counts record names other channels than the store holds; \
+             counting by a full scan"
+        );
+        return Ok(None);
+    }
+    Ok(Some((counts, max_seq)))
+}
+
+/// The channels holding readings, ascending, and the highest seq among them,
+/// with two seeks per channel instead of a scan. `None` if a key other than
+/// the counts record does not decode.
+fn present_channels(tree: &sled::Tree) -> Result<Option<(Vec<ChannelId>, u64)>, Failure> {
+    let failed = |e| broken_unless_environment("listing the queued channels", e);
+    let mut channels = Vec::new();
+    let mut max_seq = 0;
+    let mut from: Vec<u8> = Vec::new();
+    while let Some(item) = tree.range(from.as_slice()..).next() {
+        let (k, _) = item.map_err(failed)?;
+        if k.as_ref() == COUNTS_KEY {
+            from = [COUNTS_KEY, &[0]].concat();
+            continue;
+        }
+        let Ok(first) = decode_key(&k) else {
+            return Ok(None);
+        };
+        let prefix = channel_prefix(first.channel);
+        if let Some(last) = tree.scan_prefix(prefix).next_back() {
+            let (k, _) = last.map_err(failed)?;
+            let Ok(last) = decode_key(&k) else {
+                return Ok(None);
+            };
+            max_seq = max_seq.max(last.seq);
+        }
+        channels.push(first.channel);
+        match first.channel.get().checked_add(1) {
+            Some(next) => from = next.to_be_bytes().to_vec(),
+            None => break,
+        }
+    }
+    Ok(Some((channels, max_seq)))
+}
+
 /// Counts what the store holds and removes entries that do not decode.
 fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> {
     let mut counts = Counts::default();
@@ -196,6 +291,9 @@ fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> 
     let mut per_channel_corrupt: BTreeMap<String, u64> = BTreeMap::new();
     for item in tree.iter() {
         let (k, v) = item.map_err(|e| broken_unless_environment("scanning the queue", e))?;
+        if k.as_ref() == COUNTS_KEY {
+            continue;
+        }
         let decoded = decode_key(&k).and_then(|key| decode_value(key.channel, &v).map(|_| key));
         match decoded {
             Ok(key) => {

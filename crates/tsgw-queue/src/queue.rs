@@ -8,7 +8,7 @@
 //!
 //! sled keeps the first I/O error it meets and fails every later operation.
 //! So any storage error marks the queue failed, and the flusher then closes
-//! and reopens the store (rescanning it, quarantining it if it no longer opens)
+//! and reopens the store (quarantining it if it no longer opens)
 //! until that works: after a full disk has been cleaned up, the queue resumes
 //! without a restart. Meanwhile operations return [`QueueError::Unavailable`]
 //! or the storage error.
@@ -30,8 +30,9 @@ use crate::codec::{
 use crate::config::QueueConfig;
 use crate::droplog::DropLog;
 use crate::error::QueueError;
-use crate::occupancy::Counts;
+use crate::occupancy::{Counts, COUNTS_KEY};
 use crate::open::open_or_quarantine;
+use crate::unflushed::Unflushed;
 
 /// At most one "queue full" warning per this period (with the count since the last).
 const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -69,6 +70,11 @@ struct State {
     counts: Counts,
     /// Highest seq handed out (or found at open); new seqs are always above it.
     last_seq: u64,
+    /// Pushed since the last successful flush (see `unflushed`).
+    unflushed: Unflushed,
+    /// The stored counts record is current: nothing was pushed since it was
+    /// written, so a flush need not write it again.
+    recorded: bool,
     full_log: DropLog,
 }
 
@@ -81,7 +87,6 @@ struct Victim {
 
 impl DurableQueue {
     /// Opens (or creates) the store in `config.dir`, quarantining a broken one.
-    /// Scans it once to count readings and bytes and to drop undecodable values.
     pub fn open(config: &QueueConfig, metrics: Metrics) -> Result<DurableQueue, QueueError> {
         config.validate()?;
         let opened = open_or_quarantine(config, &metrics)?;
@@ -96,6 +101,8 @@ impl DurableQueue {
                 state: Mutex::new(State {
                     counts: opened.counts,
                     last_seq: opened.max_seq,
+                    unflushed: Unflushed::default(),
+                    recorded: false,
                     full_log: DropLog::new(FULL_LOG_EVERY),
                 }),
                 pushed: Arc::new(Notify::new()),
@@ -145,21 +152,27 @@ impl DurableQueue {
             Vec::new()
         };
 
-        let mut added = Vec::with_capacity(encoded.len());
+        let mut counts = state.counts.clone();
+        for v in &victims {
+            counts.sub(v.key.channel, v.bytes);
+        }
         let mut writes = Vec::with_capacity(encoded.len());
         for (channel, value) in encoded {
-            let seq = self.next_seq(&store, &mut state)?;
-            added.push((channel, (KEY_LEN + value.len()) as u64));
-            writes.push((encode_key(QueueKey { channel, seq }), value));
+            let key = QueueKey {
+                channel,
+                seq: self.next_seq(&store, &mut state)?,
+            };
+            counts.add(channel, (KEY_LEN + value.len()) as u64);
+            writes.push((key, value));
         }
-        self.write(&store, &victims, writes)?;
-        self.inner.dirty.store(true, Ordering::Release);
-
+        self.write(&store, &victims, &writes, &counts, state.last_seq)?;
+        state.counts = counts;
+        state.recorded = !victims.is_empty();
         for v in &victims {
-            state.counts.sub(v.key.channel, v.bytes);
+            state.unflushed.gone(v.key);
         }
-        for (channel, bytes) in added {
-            state.counts.add(channel, bytes);
+        for (key, _) in writes {
+            state.unflushed.pushed(key);
         }
         self.update_count_gauges(&state.counts);
         if !victims.is_empty() {
@@ -186,26 +199,23 @@ impl DurableQueue {
     /// A single reading is one `insert` (atomic by itself); several go into one
     /// sled batch. Batches are not used for everything because sled 0.34 seals
     /// its log buffer for each one: measured with 100k one-reading pushes,
-    /// batches ran at ~6,500 pushes/s (the cost lands in `flush`), inserts at
-    /// ~70,000/s.
-    /// For the same reason a one-reading push removes its eviction victims
-    /// with separate removes before the insert; a crash in between drops them
-    /// without storing the new reading, which `push` never promised before a
-    /// flush, and they were being dropped anyway.
+    /// batches ran at ~6,500 pushes/s and wrote 3-12x the bytes per flush,
+    /// inserts at ~70,000/s. A push that evicts readings is a removal, so it
+    /// carries the counts record (see `occupancy`) and is always a batch.
     fn write(
         &self,
         store: &Store,
         victims: &[Victim],
-        writes: Vec<([u8; KEY_LEN], Vec<u8>)>,
+        writes: &[(QueueKey, Vec<u8>)],
+        counts: &Counts,
+        covered_seq: u64,
     ) -> Result<(), QueueError> {
-        let tree = &store.readings;
-        if let [(key, value)] = &writes[..] {
-            for v in victims {
-                tree.remove(&v.raw_key)
-                    .map_err(self.failure("dropping the oldest readings"))?;
-            }
-            tree.insert(key, value.as_slice())
+        if let ([], [(key, value)]) = (victims, writes) {
+            store
+                .readings
+                .insert(encode_key(*key), value.as_slice())
                 .map_err(self.failure("push"))?;
+            self.inner.dirty.store(true, Ordering::Release);
             return Ok(());
         }
         let mut batch = sled::Batch::default();
@@ -213,9 +223,37 @@ impl DurableQueue {
             batch.remove(v.raw_key.clone());
         }
         for (key, value) in writes {
-            batch.insert(&key[..], value);
+            batch.insert(&encode_key(*key)[..], value.as_slice());
         }
-        tree.apply_batch(batch).map_err(self.failure("push"))
+        if victims.is_empty() {
+            store
+                .readings
+                .apply_batch(batch)
+                .map_err(self.failure("push"))?;
+            self.inner.dirty.store(true, Ordering::Release);
+            return Ok(());
+        }
+        self.apply_with_counts(store, batch, counts, covered_seq, "push")
+    }
+
+    /// Applies a batch that removes readings together with the counts record
+    /// describing the store after it, atomically: no removal survives a crash
+    /// without the record that counts it (see `occupancy`).
+    fn apply_with_counts(
+        &self,
+        store: &Store,
+        mut batch: sled::Batch,
+        counts: &Counts,
+        covered_seq: u64,
+        op: &'static str,
+    ) -> Result<(), QueueError> {
+        batch.insert(COUNTS_KEY, counts.encode(covered_seq));
+        store
+            .readings
+            .apply_batch(batch)
+            .map_err(self.failure(op))?;
+        self.inner.dirty.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Readings currently queued.
@@ -259,8 +297,25 @@ impl DurableQueue {
     pub async fn flush(&self) -> Result<(), QueueError> {
         let store = self.store()?;
         self.inner.dirty.store(false, Ordering::Release);
+        let mark = {
+            // The record goes to disk with this flush, so after a crash
+            // opening only has to count the pushes of one flush interval.
+            let mut state = self.lock();
+            if !state.recorded {
+                let record = state.counts.encode(state.last_seq);
+                if let Err(e) = store.readings.insert(COUNTS_KEY, record) {
+                    self.inner.dirty.store(true, Ordering::Release);
+                    return Err(self.failure("storing the queue counts")(e));
+                }
+                state.recorded = true;
+            }
+            state.last_seq
+        };
         match store.db.flush_async().await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.lock().unflushed.flushed_through(mark);
+                Ok(())
+            }
             Err(e) => {
                 self.inner.dirty.store(true, Ordering::Release);
                 Err(self.failure("flush")(e))
@@ -311,8 +366,8 @@ impl DurableQueue {
         self.inner.failed.load(Ordering::Acquire)
     }
 
-    /// Closes a failed store and opens it again (rescanning, or quarantining
-    /// it if it no longer opens). Pushes and removals wait meanwhile. Returns
+    /// Closes a failed store and opens it again (quarantining it if it no
+    /// longer opens). Pushes and removals wait meanwhile. Returns
     /// whether the queue works again; on failure the flusher retries later.
     pub(crate) fn reopen_if_failed(&self) -> bool {
         if !self.has_failed() {
@@ -329,8 +384,10 @@ impl DurableQueue {
             .take();
         match open_or_quarantine(&self.inner.config, &self.inner.metrics) {
             Ok(opened) => {
+                self.count_lost_unflushed(&mut state, &opened.readings);
                 state.counts = opened.counts;
                 state.last_seq = state.last_seq.max(opened.max_seq);
+                state.recorded = false;
                 *self
                     .inner
                     .store
@@ -361,6 +418,36 @@ impl DurableQueue {
                 false
             }
         }
+    }
+
+    /// After a storage error, the readings pushed since the last successful
+    /// flush that the reopened store does not have were lost with the failed
+    /// flush: count and log them as `write_error` drops.
+    fn count_lost_unflushed(&self, state: &mut State, reopened: &sled::Tree) {
+        let candidates = state.unflushed.take();
+        let lost: Vec<QueueKey> = candidates
+            .into_iter()
+            // A read error counts the reading as lost: it cannot be delivered either.
+            .filter(|k| !matches!(reopened.contains_key(encode_key(*k)), Ok(true)))
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        let mut per_channel = std::collections::BTreeMap::<u64, u64>::new();
+        for k in &lost {
+            *per_channel.entry(k.channel.get()).or_default() += 1;
+        }
+        self.inner
+            .metrics
+            .queue_dropped_total
+            .with_label_values(&["write_error"])
+            .inc_by(lost.len() as u64);
+        error!(
+            lost = lost.len(),
+            ?per_channel,
+            dir = %self.inner.config.dir.display(),
+            "readings accepted since the last successful queue flush were lost when the disk failed"
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -432,7 +519,8 @@ impl DurableQueue {
         let mut state = self.lock();
         let Ok(store) = self.store() else { return };
         let mut batch = sled::Batch::default();
-        let mut removed = Vec::new();
+        let mut counts = state.counts.clone();
+        let mut removed = 0;
         for (raw_key, reason) in entries {
             match store.readings.get(&raw_key) {
                 Ok(Some(v)) => {
@@ -443,33 +531,38 @@ impl DurableQueue {
                         %reason,
                         "dropping a queued reading that cannot be decoded"
                     );
-                    removed.push((key, (raw_key.len() + v.len()) as u64));
+                    if let Some(key) = key {
+                        counts.sub(key.channel, (raw_key.len() + v.len()) as u64);
+                        state.unflushed.gone(key);
+                    }
                     batch.remove(raw_key);
+                    removed += 1;
                 }
                 Ok(None) => {}
                 Err(e) => error!(error = %e, "reading a corrupt queue entry failed"),
             }
         }
-        if removed.is_empty() {
+        if removed == 0 {
             return;
         }
-        if let Err(e) = store.readings.apply_batch(batch) {
-            self.inner.failed.store(true, Ordering::Release);
+        if let Err(e) = self.apply_with_counts(
+            &store,
+            batch,
+            &counts,
+            state.last_seq,
+            "removing corrupt entries",
+        ) {
             error!(error = %e, "removing corrupt queue entries failed");
             return;
         }
-        self.inner.dirty.store(true, Ordering::Release);
-        for (key, bytes) in &removed {
-            if let Some(key) = key {
-                state.counts.sub(key.channel, *bytes);
-            }
-        }
+        state.counts = counts;
+        state.recorded = true;
         self.update_count_gauges(&state.counts);
         self.inner
             .metrics
             .queue_dropped_total
             .with_label_values(&["corrupt"])
-            .inc_by(removed.len() as u64);
+            .inc_by(removed);
     }
 
     fn peek_inner(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, QueueError> {
@@ -502,32 +595,26 @@ impl DurableQueue {
         let mut state = self.lock();
         let store = self.store()?;
         let mut batch = sled::Batch::default();
+        let mut counts = state.counts.clone();
         let mut removed = Vec::new();
-        let mut last = None;
         for key in keys {
             let raw = encode_key(*key);
             if let Some(v) = store.readings.get(raw).map_err(self.failure("remove"))? {
-                removed.push((key.channel, (KEY_LEN + v.len()) as u64));
+                counts.sub(key.channel, (KEY_LEN + v.len()) as u64);
                 batch.remove(&raw[..]);
-                last = Some(raw);
+                removed.push(*key);
             }
         }
-        match (removed.len(), last) {
-            (0, _) | (_, None) => return Ok(()),
-            // One key: a plain remove, far cheaper in sled than a batch (see `write`).
-            (1, Some(raw)) => {
-                store.readings.remove(raw).map_err(self.failure("remove"))?;
-            }
-            // Several (one delivered entry): atomically, so a crash never
-            // leaves half an entry to be sent again.
-            _ => store
-                .readings
-                .apply_batch(batch)
-                .map_err(self.failure("remove"))?,
+        if removed.is_empty() {
+            return Ok(());
         }
-        self.inner.dirty.store(true, Ordering::Release);
-        for (channel, bytes) in removed {
-            state.counts.sub(channel, bytes);
+        // One batch (one delivered entry): a crash never leaves half an entry
+        // to be sent again.
+        self.apply_with_counts(&store, batch, &counts, state.last_seq, "remove")?;
+        state.counts = counts;
+        state.recorded = true;
+        for key in removed {
+            state.unflushed.gone(key);
         }
         self.update_count_gauges(&state.counts);
         Ok(())
@@ -807,7 +894,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_value_found_at_open_is_dropped_and_counted() {
+    fn corrupt_value_found_after_a_restart_is_dropped_and_counted() {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (q, _) = open(tmp.path(), 1 << 20);
@@ -820,7 +907,10 @@ mod tests {
                 .insert(encode_key(first), &[200u8, 0, 0][..])
                 .unwrap();
         }
+        // Open trusts the counts record; the damage shows when the value is read.
         let (q, metrics) = open(tmp.path(), 1 << 20);
+        assert_eq!(q.len(), 2);
+        assert_eq!(values(&q, 1), vec![2.0]);
         assert_eq!(
             metrics
                 .queue_dropped_total
@@ -830,6 +920,77 @@ mod tests {
         );
         assert_eq!(q.len(), 1);
         assert_eq!(metrics.queue_readings.get(), 1);
-        assert_eq!(values(&q, 1), vec![2.0]);
+    }
+
+    /// Per-channel readings and bytes by reading every entry, to check the record.
+    fn counted_by_scan(q: &DurableQueue) -> Counts {
+        let mut counts = Counts::default();
+        for item in q.store().unwrap().readings.iter() {
+            let (k, v) = item.unwrap();
+            if let Ok(key) = decode_key(&k) {
+                counts.add(key.channel, (k.len() + v.len()) as u64);
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn the_counts_record_follows_pushes_removals_and_evictions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let expected;
+        {
+            let (q, _) = open(tmp.path(), 4096);
+            for n in 0..200 {
+                q.push(&[reading(1 + n % 3, n as f64)]).unwrap();
+            }
+            q.push(&[reading(4, 1.0), reading(4, 2.0), reading(5, 3.0)])
+                .unwrap();
+            let head: Vec<_> = q.peek(ch(2), 5).unwrap().iter().map(|r| r.key).collect();
+            q.remove(&head).unwrap();
+            let one = q.peek(ch(4), 1).unwrap()[0].key;
+            q.remove(&[one]).unwrap();
+            expected = counted_by_scan(&q);
+            assert_eq!(q.lock().counts, expected);
+        }
+        let (q, _) = open(tmp.path(), 4096);
+        let stored = q
+            .store()
+            .unwrap()
+            .readings
+            .get(COUNTS_KEY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(Counts::decode(&stored).unwrap().0, expected);
+        assert_eq!(q.lock().counts, expected);
+        assert!(!q.is_empty());
+    }
+
+    #[test]
+    fn a_store_without_a_true_record_is_counted_by_a_scan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let expected;
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            q.push(&[reading(1, 1.0), reading(2, 2.0), reading(2, 3.0)])
+                .unwrap();
+            expected = counted_by_scan(&q);
+            // As written by a version before the record existed.
+            q.store().unwrap().readings.remove(COUNTS_KEY).unwrap();
+        }
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            assert_eq!(q.lock().counts, expected);
+            // A record that forgot a channel (channel 2 is missing).
+            let mut wrong = Counts::default();
+            wrong.add(ch(1), 49);
+            q.store()
+                .unwrap()
+                .readings
+                .insert(COUNTS_KEY, wrong.encode(u64::MAX))
+                .unwrap();
+        }
+        let (q, _) = open(tmp.path(), 1 << 20);
+        assert_eq!(q.lock().counts, expected);
+        assert_eq!(values(&q, 2), vec![2.0, 3.0]);
     }
 }
