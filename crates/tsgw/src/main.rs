@@ -89,6 +89,7 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
+    ops::memory::limit_malloc_arenas();
     let config = GatewayConfig::load(&path)?;
     ops::logging::init(&config.log.level, config.log.format);
     install_crypto_provider();
