@@ -29,6 +29,9 @@ pub struct Embedded {
 const SEGMENT_SIZE: usize = 1024 * 1024;
 const SEGMENT_COUNT: usize = 8;
 
+/// How much longer than the fronts rumqttd waits for a CONNECT.
+const RUMQTTD_CONNECT_BACKSTOP_MS: u16 = 1000;
+
 /// The client id of the gateway's own link into the router.
 pub const INGEST_CLIENT_ID: &str = "tsgw-ingest";
 
@@ -44,7 +47,12 @@ pub async fn start(config: &MqttSourceConfig) -> Result<Embedded, MqttSourceErro
     let router_tx = Router::new(0, router_config).spawn();
 
     let connections = ConnectionSettings {
-        connection_timeout_ms: config.connect_timeout_ms,
+        // The fronts enforce connect_timeout_ms and count what they drop;
+        // rumqttd's timer is only a backstop, a second later so that it never
+        // wins the race and drops a device uncounted.
+        connection_timeout_ms: config
+            .connect_timeout_ms
+            .saturating_add(RUMQTTD_CONNECT_BACKSTOP_MS),
         max_payload_size: config.max_payload_bytes,
         max_inflight_count: 100,
         auth: if config.users.is_empty() {

@@ -26,7 +26,9 @@ pub struct MqttSourceConfig {
     pub max_payload_bytes: usize,
     /// Most simultaneous device connections.
     pub max_connections: usize,
-    /// A client that opens TCP (or TLS) but sends no CONNECT within this time is dropped.
+    /// A client that opens TCP (or finishes its TLS handshake) but is not connected
+    /// (CONNACK) within this time is dropped and counted in
+    /// `tsgw_device_errors_total{kind="connect_timeout"}`.
     pub connect_timeout_ms: u16,
     /// Devices written for ThingSpeak publish to the gateway unchanged.
     pub drop_in: DropInConfig,

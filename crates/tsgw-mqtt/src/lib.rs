@@ -107,6 +107,7 @@ impl MqttSource {
 
         let embedded = broker::start(config).await?;
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.into());
         let mut addrs = ListenAddrs::default();
         let mut fronts = Vec::new();
         if let Some(listener) = plain {
@@ -115,6 +116,7 @@ impl MqttSource {
                 listener,
                 backend: embedded.tcp_backend,
                 handshake: Handshake::None,
+                connect_timeout,
             });
         }
         if let Some((listener, tls_config)) = tls {
@@ -128,6 +130,7 @@ impl MqttSource {
                     acceptor,
                     timeout: Duration::from_millis(tls_config.handshake_timeout_ms),
                 },
+                connect_timeout,
             });
         }
         if let (Some(listener), Some(backend)) = (ws, embedded.ws_backend) {
@@ -136,6 +139,7 @@ impl MqttSource {
                 listener,
                 backend,
                 handshake: Handshake::None,
+                connect_timeout,
             });
         }
         for front in fronts {
