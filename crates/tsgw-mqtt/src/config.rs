@@ -24,7 +24,8 @@ pub struct MqttSourceConfig {
     pub users: BTreeMap<String, Secret>,
     /// Largest accepted publish payload; bigger packets close that client only.
     pub max_payload_bytes: usize,
-    /// Most simultaneous device connections.
+    /// Most simultaneous device connections. Each holds 3 open files: a limit
+    /// (RLIMIT_NOFILE) too low for them lowers this at startup, with a warning.
     pub max_connections: usize,
     /// A client that opens TCP (or finishes its TLS handshake) but is not connected
     /// (CONNACK) within this time is dropped and counted in

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use tsgw_core::{Metrics, Reading};
 
 pub use config::{BrokerTlsConfig, DropInConfig, MqttSourceConfig, RuleConfig};
@@ -106,7 +106,18 @@ impl MqttSource {
         let ws = bind(config.websocket_listen, "websocket_listen").await?;
 
         let embedded = broker::start(config).await?;
-        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let nofile = open_file_limit();
+        let slot_count = connection_slots(config.max_connections, nofile);
+        if slot_count < config.max_connections {
+            warn!(
+                max_connections = config.max_connections,
+                open_file_limit = nofile,
+                accepted = slot_count,
+                "mqtt.max_connections does not fit the open-file limit (3 per device); \
+                 accepting fewer devices: raise the limit (LimitNOFILE) or lower max_connections"
+            );
+        }
+        let slots = Arc::new(Semaphore::new(slot_count));
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.into());
         let mut addrs = ListenAddrs::default();
         let mut fronts = Vec::new();
@@ -187,6 +198,49 @@ impl MqttSource {
     }
 }
 
+/// Descriptors one device connection holds in this process: its socket, the
+/// splice to rumqttd and rumqttd's end of that splice.
+const FDS_PER_CONNECTION: u64 = 3;
+/// Descriptors left for everything else: queue files, the upstream connection,
+/// serial ports, the metrics endpoint, connections being refused.
+const FD_RESERVE: u64 = 128;
+
+/// `max_connections`, lowered to what the open-file limit `nofile` can hold.
+/// Past that limit accept fails with EMFILE: devices would wait for a
+/// connection that rumqttd cannot accept (its accept loop then spins on the
+/// error at a full core), and the queue, upstream and serial ports could not
+/// open files either.
+fn connection_slots(max_connections: usize, nofile: Option<u64>) -> usize {
+    let Some(nofile) = nofile else {
+        return max_connections;
+    };
+    let fit = nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
+    max_connections
+        .min(usize::try_from(fit).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// The soft RLIMIT_NOFILE, or None if unlimited or unknown.
+#[cfg(unix)]
+fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
+#[cfg(not(unix))]
+fn open_file_limit() -> Option<u64> {
+    None
+}
+
 /// Binds `addr` if the key is set.
 async fn bind(
     addr: Option<SocketAddr>,
@@ -198,5 +252,27 @@ async fn bind(
             .await
             .map(Some)
             .map_err(|source| MqttSourceError::Bind { key, addr, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_fit_the_open_file_limit() {
+        // The systemd unit's LimitNOFILE=8192 holds the default 1000 devices.
+        assert_eq!(connection_slots(1000, Some(8192)), 1000);
+        // A shell's 1024: (1024 - 128) / 3.
+        assert_eq!(connection_slots(1000, Some(1024)), 298);
+        assert_eq!(connection_slots(1000, None), 1000);
+        // Even an absurd limit leaves one slot rather than none.
+        assert_eq!(connection_slots(1000, Some(10)), 1);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read() {
+        let limit = open_file_limit().expect("RLIMIT_NOFILE is finite on Linux");
+        assert!(limit >= 64, "{limit}");
     }
 }
