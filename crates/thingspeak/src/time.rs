@@ -1,7 +1,7 @@
 //! ThingSpeak's timestamp format: ISO 8601 in UTC at seconds resolution,
 //! `2026-01-02T03:04:05Z`.
 
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, SecondsFormat, Utc};
 
 /// Formats `t` the way ThingSpeak writes `created_at` (sub-seconds are dropped).
 pub fn format_timestamp(t: &DateTime<Utc>) -> String {
@@ -14,13 +14,20 @@ pub fn format_timestamp(t: &DateTime<Utc>) -> String {
 pub struct BadTimestamp(pub String);
 
 /// Parses RFC 3339 / ISO 8601 with any offset, or `YYYY-MM-DD HH:MM:SS` taken as UTC.
+///
+/// Years outside 0000..=9999 are refused: [`format_timestamp`] would write
+/// them with a sign (`-8096-01-01T00:00:00Z`), which is not a timestamp
+/// ThingSpeak (or this parser) reads back (found by the `thingspeak_payload`
+/// fuzz target).
 pub fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, BadTimestamp> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+    let parsed = match DateTime::parse_from_rfc3339(s) {
+        Ok(t) => Ok(t.with_timezone(&Utc)),
+        Err(_) => NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").map(|n| n.and_utc()),
+    };
+    match parsed {
+        Ok(t) if (0..=9999).contains(&t.year()) => Ok(t),
+        _ => Err(BadTimestamp(truncate(s))),
     }
-    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
-        .map(|n| n.and_utc())
-        .map_err(|_| BadTimestamp(truncate(s)))
 }
 
 /// Keeps error messages bounded when the input is hostile.
@@ -113,5 +120,16 @@ mod tests {
         assert_eq!(parse_timestamp("2026-01-02 03:04:05").unwrap(), want);
         assert!(parse_timestamp("yesterday").is_err());
         assert!(parse_timestamp("").is_err());
+    }
+
+    #[test]
+    fn what_parses_formats_back_to_itself() {
+        assert!(parse_timestamp("-8096-01-01 00:00:00").is_err());
+        assert!(parse_timestamp("+12000-01-01 00:00:00").is_err());
+        assert!(parse_timestamp("12000-01-01 00:00:00").is_err());
+        for s in ["0000-01-01 00:00:00", "9999-12-31 23:59:59"] {
+            let t = parse_timestamp(s).unwrap();
+            assert_eq!(parse_timestamp(&format_timestamp(&t)).unwrap(), t, "{s}");
+        }
     }
 }
