@@ -222,6 +222,8 @@ fn connection_slots(max_connections: usize, nofile: Option<u64>) -> usize {
 
 /// The soft RLIMIT_NOFILE, or None if unlimited or unknown.
 #[cfg(unix)]
+// rlim_t is u32 on 32-bit ARM (armv7 gnueabihf), u64 elsewhere.
+#[allow(clippy::useless_conversion)]
 fn open_file_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -233,7 +235,7 @@ fn open_file_limit() -> Option<u64> {
     {
         return None;
     }
-    Some(limit.rlim_cur)
+    Some(u64::from(limit.rlim_cur))
 }
 
 #[cfg(not(unix))]
