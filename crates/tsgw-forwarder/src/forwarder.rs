@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
+use tsgw_core::throttle::LogThrottle;
 use tsgw_core::{Metrics, QueueKey, ReadingStore};
 
 use crate::backoff::Backoff;
@@ -61,6 +62,9 @@ const IDLE: Duration = Duration::from_secs(3600);
 const MAX_PROBES: u32 = 10;
 /// Longest wait after HTTP 429 before the next bulk call.
 const MAX_BULK_BACKOFF: Duration = Duration::from_secs(300);
+/// At most one "bulk call failed" warning per channel this often (a 10-minute
+/// outage logged 120 of them for 3 channels before).
+const BULK_FAILURE_LOG_EVERY: Duration = Duration::from_secs(300);
 /// `created_at` values remembered per channel (for late readings).
 const USED_MEMORY: usize = 4096;
 
@@ -161,6 +165,9 @@ pub(crate) struct Forwarder {
     bulk_state: HashMap<ChannelId, BulkState>,
     bulk_tx: mpsc::Sender<BulkDone>,
     bulk_rx: mpsc::Receiver<BulkDone>,
+    /// A bulk call that fails on a dead link is retried every bulk interval
+    /// per channel: one warning per channel per period, with the count.
+    bulk_failure_log: LogThrottle,
     /// Channels whose backfill falls back to MQTT already logged.
     no_key_reported: HashSet<ChannelId>,
     /// Channels without the write key legacy auth needs, already logged.
@@ -216,6 +223,7 @@ impl Forwarder {
             bulk_state: HashMap::new(),
             bulk_tx,
             bulk_rx,
+            bulk_failure_log: LogThrottle::new(BULK_FAILURE_LOG_EVERY),
             no_key_reported: HashSet::new(),
             legacy_key_reported: HashSet::new(),
             next_check: HashMap::new(),
@@ -608,7 +616,15 @@ impl Forwarder {
             }
             BulkResult::Failed(message) => {
                 state.next_at = now + interval;
-                tracing::warn!(%channel, error = %message, "bulk call failed; retrying later");
+                if let Some(suppressed) = self.bulk_failure_log.check(&label) {
+                    tracing::warn!(
+                        %channel,
+                        error = %message,
+                        failed_since_last_warning = suppressed,
+                        retry_every_secs = interval.as_secs_f64(),
+                        "bulk call failed; retrying"
+                    );
+                }
             }
         }
     }
