@@ -79,6 +79,13 @@ pub fn decode_key(bytes: &[u8]) -> Result<QueueKey, DecodeError> {
     Ok(QueueKey { channel, seq })
 }
 
+/// Whether `key` names one of the queue's own records (counts, removal
+/// intent) rather than a reading: those keys are shorter than a channel
+/// prefix, so channel scans never meet them.
+pub fn is_meta_key(key: &[u8]) -> bool {
+    key.len() < 8
+}
+
 /// The 8-byte prefix shared by every key of `channel`.
 pub fn channel_prefix(channel: ChannelId) -> [u8; 8] {
     channel.get().to_be_bytes()

@@ -33,6 +33,7 @@ mod config;
 mod droplog;
 mod error;
 mod flusher;
+mod intent;
 mod occupancy;
 mod open;
 mod queue;

@@ -15,14 +15,15 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{error, info, warn};
 use tsgw_core::{ChannelId, Metrics, QueueKey};
 
-use crate::codec::{channel_prefix, decode_key, decode_value, encode_key};
+use crate::codec::{channel_prefix, decode_key, decode_value, encode_key, is_meta_key, KEY_LEN};
 use crate::config::QueueConfig;
 use crate::error::QueueError;
+use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
 
 /// Key in sled's default tree naming the layout of the `readings` tree.
@@ -49,7 +50,7 @@ enum Failure {
 
 pub fn open_or_quarantine(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, QueueError> {
     let dir = &config.dir;
-    let cause = match try_open(config, metrics) {
+    let cause = match try_open_waiting_for_lock(config, metrics) {
         Ok(opened) => return Ok(opened),
         Err(Failure::Environment(source)) => {
             return Err(QueueError::Open {
@@ -76,7 +77,7 @@ pub fn open_or_quarantine(config: &QueueConfig, metrics: &Metrics) -> Result<Ope
         });
     }
     metrics.queue_quarantined_total.inc();
-    match try_open(config, metrics) {
+    match try_open_waiting_for_lock(config, metrics) {
         Ok(opened) => {
             info!(dir = %dir.display(), "started a clean queue store");
             Ok(opened)
@@ -92,6 +93,34 @@ pub fn open_or_quarantine(config: &QueueConfig, metrics: &Metrics) -> Result<Ope
             reason: format!("opening a clean store failed: {e}"),
         }),
     }
+}
+
+/// How long an open waits for a store closed in this process to let go.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// [`try_open`], retried while the store's file lock is still held. sled
+/// writes sealed log buffers on background threads that keep the store's
+/// file (and its lock) until they finish, so reopening a store right after
+/// closing it can find it locked for a moment. Another process holding it
+/// stays an error after the wait.
+fn try_open_waiting_for_lock(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match try_open(config, metrics) {
+            Err(Failure::Environment(e)) if is_lock_held(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if is_lock_text(io))
+}
+
+fn is_lock_text(io: &std::io::Error) -> bool {
+    io.to_string().contains("could not acquire lock")
 }
 
 /// `<dir>.corrupt-<unix-time>`, with a counter appended if that exists already.
@@ -141,7 +170,8 @@ fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> 
     let readings = db
         .open_tree(READINGS_TREE)
         .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
-    let (counts, max_seq) = load_counts(&readings, metrics)?;
+    let (mut counts, max_seq) = load_counts(&readings, metrics)?;
+    finish_interrupted_removal(&readings, &mut counts, max_seq)?;
     Ok(Opened {
         db,
         readings,
@@ -259,8 +289,8 @@ fn present_channels(tree: &sled::Tree) -> Result<Option<(Vec<ChannelId>, u64)>, 
     let mut from: Vec<u8> = Vec::new();
     while let Some(item) = tree.range(from.as_slice()..).next() {
         let (k, _) = item.map_err(failed)?;
-        if k.as_ref() == COUNTS_KEY {
-            from = [COUNTS_KEY, &[0]].concat();
+        if is_meta_key(&k) {
+            from = [k.as_ref(), &[0]].concat();
             continue;
         }
         let Ok(first) = decode_key(&k) else {
@@ -283,6 +313,45 @@ fn present_channels(tree: &sled::Tree) -> Result<Option<(Vec<ChannelId>, u64)>, 
     Ok(Some((channels, max_seq)))
 }
 
+/// A large removal that a crash interrupted (see `intent`): finish it, so the
+/// readings of the delivered entry leave together.
+fn finish_interrupted_removal(
+    tree: &sled::Tree,
+    counts: &mut Counts,
+    max_seq: u64,
+) -> Result<(), Failure> {
+    let failed = |e| broken_unless_environment("finishing an interrupted removal", e);
+    let Some(record) = tree.get(INTENT_KEY).map_err(failed)? else {
+        return Ok(());
+    };
+    let keys = intent::decode(&record).unwrap_or_else(|reason| {
+        // The readings stay queued and go out again; ThingSpeak refuses the
+        // repeated created_at, so nothing is stored twice.
+        warn!(%reason, "ignoring a damaged removal intent record");
+        Vec::new()
+    });
+    let mut removed = 0;
+    for chunk in keys.chunks(REMOVE_CHUNK) {
+        let mut batch = sled::Batch::default();
+        for key in chunk {
+            let raw = encode_key(*key);
+            if let Some(v) = tree.get(raw).map_err(failed)? {
+                counts.sub(key.channel, (KEY_LEN + v.len()) as u64);
+                batch.remove(&raw[..]);
+                removed += 1;
+            }
+        }
+        batch.insert(COUNTS_KEY, counts.encode(max_seq));
+        tree.apply_batch(batch).map_err(failed)?;
+    }
+    tree.remove(INTENT_KEY).map_err(failed)?;
+    info!(
+        removed,
+        "finished removing delivered readings whose removal a stop interrupted"
+    );
+    Ok(())
+}
+
 /// Counts what the store holds and removes entries that do not decode.
 fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> {
     let mut counts = Counts::default();
@@ -291,7 +360,7 @@ fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> 
     let mut per_channel_corrupt: BTreeMap<String, u64> = BTreeMap::new();
     for item in tree.iter() {
         let (k, v) = item.map_err(|e| broken_unless_environment("scanning the queue", e))?;
-        if k.as_ref() == COUNTS_KEY {
+        if is_meta_key(&k) {
             continue;
         }
         let decoded = decode_key(&k).and_then(|key| decode_value(key.channel, &v).map(|_| key));
@@ -355,7 +424,7 @@ fn is_environmental(io: &std::io::Error) -> bool {
         return true;
     }
     // sled reports a held lock as ErrorKind::Other with this text.
-    if io.to_string().contains("could not acquire lock") {
+    if is_lock_text(io) {
         return true;
     }
     matches!(

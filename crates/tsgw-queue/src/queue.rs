@@ -30,6 +30,7 @@ use crate::codec::{
 use crate::config::QueueConfig;
 use crate::droplog::DropLog;
 use crate::error::QueueError;
+use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
 use crate::open::open_or_quarantine;
 use crate::unflushed::Unflushed;
@@ -594,6 +595,34 @@ impl DurableQueue {
         }
         let mut state = self.lock();
         let store = self.store()?;
+        if keys.len() <= REMOVE_CHUNK {
+            // One batch (one delivered entry): a crash never leaves half an
+            // entry to be sent again.
+            return self.remove_batch(&store, &mut state, keys);
+        }
+        // Too many for one cheap batch: the intent record keeps the removal
+        // all-or-nothing across a crash (see `intent`).
+        store
+            .readings
+            .insert(INTENT_KEY, intent::encode(keys))
+            .map_err(self.failure("remove"))?;
+        for chunk in keys.chunks(REMOVE_CHUNK) {
+            self.remove_batch(&store, &mut state, chunk)?;
+        }
+        store
+            .readings
+            .remove(INTENT_KEY)
+            .map_err(self.failure("remove"))?;
+        Ok(())
+    }
+
+    /// Removes `keys` (those still stored) in one batch with the counts record.
+    fn remove_batch(
+        &self,
+        store: &Store,
+        state: &mut State,
+        keys: &[QueueKey],
+    ) -> Result<(), QueueError> {
         let mut batch = sled::Batch::default();
         let mut counts = state.counts.clone();
         let mut removed = Vec::new();
@@ -608,9 +637,7 @@ impl DurableQueue {
         if removed.is_empty() {
             return Ok(());
         }
-        // One batch (one delivered entry): a crash never leaves half an entry
-        // to be sent again.
-        self.apply_with_counts(&store, batch, &counts, state.last_seq, "remove")?;
+        self.apply_with_counts(store, batch, &counts, state.last_seq, "remove")?;
         state.counts = counts;
         state.recorded = true;
         for key in removed {
@@ -992,5 +1019,61 @@ mod tests {
         let (q, _) = open(tmp.path(), 1 << 20);
         assert_eq!(q.lock().counts, expected);
         assert_eq!(values(&q, 2), vec![2.0, 3.0]);
+    }
+
+    #[test]
+    fn a_large_removal_goes_in_chunks_and_leaves_no_intent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, _) = open(tmp.path(), 1 << 24);
+        let batch: Vec<Reading> = (0..2 * REMOVE_CHUNK + 10)
+            .map(|n| reading(1 + (n % 2) as u64, n as f64))
+            .collect();
+        q.push(&batch).unwrap();
+        let mut keys: Vec<QueueKey> = q
+            .peek(ch(1), usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.key)
+            .collect();
+        keys.extend(q.peek(ch(2), 7).unwrap().iter().map(|r| r.key));
+        assert!(keys.len() > REMOVE_CHUNK);
+        q.remove(&keys).unwrap();
+        assert_eq!(q.len(), (REMOVE_CHUNK + 5 - 7) as u64);
+        assert_eq!(q.lock().counts, counted_by_scan(&q));
+        let store = q.store().unwrap();
+        assert_eq!(store.readings.get(INTENT_KEY).unwrap(), None);
+        assert!(q.peek(ch(1), 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_removal_interrupted_by_a_crash_is_finished_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let doomed: Vec<QueueKey>;
+        {
+            let (q, _) = open(tmp.path(), 1 << 24);
+            let batch: Vec<Reading> = (0..30).map(|n| reading(1 + n % 3, n as f64)).collect();
+            q.push(&batch).unwrap();
+            doomed = q.peek(ch(2), 6).unwrap().iter().map(|r| r.key).collect();
+            // As left by a crash after the intent and one chunk of three:
+            // the intent is stored, and only the first two keys are gone.
+            let store = q.store().unwrap();
+            store
+                .readings
+                .insert(INTENT_KEY, intent::encode(&doomed))
+                .unwrap();
+            q.remove_batch(&store, &mut q.lock(), &doomed[..2]).unwrap();
+        }
+        let (q, _) = open(tmp.path(), 1 << 24);
+        assert_eq!(q.len(), 24);
+        assert_eq!(q.lock().counts, counted_by_scan(&q));
+        let left: Vec<QueueKey> = q
+            .peek(ch(2), usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(left.len(), 4);
+        assert!(left.iter().all(|k| !doomed.contains(k)));
+        assert_eq!(q.store().unwrap().readings.get(INTENT_KEY).unwrap(), None);
     }
 }
