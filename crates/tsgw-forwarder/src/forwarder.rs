@@ -40,10 +40,6 @@ use crate::schedule::Schedule;
 
 /// Most readings looked at per channel and pass. More wait for later passes.
 const PEEK_LIMIT: usize = 10_000;
-/// Readings removed per store call after a bulk call. Draining a
-/// million-reading backlog, one sled batch of 10,000 removals peaked ~30 MB
-/// higher than batches of 1,000; a bulk's windows need not vanish together.
-const BULK_REMOVE_CHUNK: usize = 1_000;
 /// A connection up this long is stable: the backoff starts over after it drops.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// A publish not written within this time means the connection is stuck.
@@ -581,15 +577,9 @@ impl Forwarder {
                     .with_label_values(&[&label])
                     .inc_by(n);
                 tracing::info!(%channel, updates = n, readings = done.covered.len(), "backlog written by a bulk call");
-                // In chunks: a crash between two leaves some backfilled
-                // readings queued, and sending them again is harmless because
-                // ThingSpeak skips entries whose created_at it already has.
-                let removed = done
-                    .covered
-                    .chunks(BULK_REMOVE_CHUNK)
-                    .try_for_each(|chunk| self.store.remove(chunk));
-                match removed {
+                match self.store.remove(&done.covered) {
                     Ok(()) => self.mark_used(channel, done.created_at),
+                    // A repeat is harmless: ThingSpeak skips existing created_at.
                     Err(e) => {
                         tracing::error!(%channel, error = %e, "could not remove backfilled readings")
                     }
