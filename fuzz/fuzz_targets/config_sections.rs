@@ -1,7 +1,7 @@
 //! Config parsing: TOML text → each stage's public config section, then its
 //! validation (GatewayConfig itself is private to the binary; it is only
-//! these sections side by side). The serial framer is private to
-//! tsgw-serial, so serial is covered through its config here.
+//! these sections side by side), then what the gateway derives from a
+//! section that validated.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,8 +14,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = tsgw_mqtt::validate(&c);
     }
     if let Ok(c) = toml::from_str::<tsgw_forwarder::UpstreamConfig>(text) {
-        let _ = c.validate();
-        let _ = c.intervals();
+        // The gateway derives intervals only from a validated config (a
+        // negative interval is refused there, with its key).
+        if c.validate().is_ok() {
+            let _ = c.intervals();
+            let _ = c.renew_idle_after();
+        }
     }
     if let Ok(c) = toml::from_str::<tsgw_queue::QueueConfig>(text) {
         let _ = c.validate();
