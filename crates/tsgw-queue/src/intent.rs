@@ -12,6 +12,7 @@
 use tsgw_core::QueueKey;
 
 use crate::codec::{decode_key, encode_key, KEY_LEN};
+use crate::occupancy::Counts;
 
 /// Removals of more keys than this go in chunks behind an intent record.
 pub const REMOVE_CHUNK: usize = 1_000;
@@ -46,6 +47,27 @@ pub fn decode(record: &[u8]) -> Result<Vec<QueueKey>, String> {
     keys.chunks_exact(KEY_LEN)
         .map(|k| decode_key(k).map_err(|e| e.to_string()))
         .collect()
+}
+
+/// One batch removing those of `keys` still stored, with `counts` updated to
+/// match; also returns the keys it removes. Shared by the queue's removals
+/// and by open finishing an interrupted one.
+pub fn removal_batch(
+    tree: &sled::Tree,
+    keys: &[QueueKey],
+    counts: &mut Counts,
+) -> Result<(sled::Batch, Vec<QueueKey>), sled::Error> {
+    let mut batch = sled::Batch::default();
+    let mut removed = Vec::new();
+    for key in keys {
+        let raw = encode_key(*key);
+        if let Some(v) = tree.get(raw)? {
+            counts.sub(key.channel, (KEY_LEN + v.len()) as u64);
+            batch.remove(&raw[..]);
+            removed.push(*key);
+        }
+    }
+    Ok((batch, removed))
 }
 
 #[cfg(test)]

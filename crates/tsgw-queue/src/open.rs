@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
 use tsgw_core::{ChannelId, Metrics, QueueKey};
 
-use crate::codec::{channel_prefix, decode_key, decode_value, encode_key, is_meta_key, KEY_LEN};
+use crate::codec::{channel_prefix, decode_key, decode_value, encode_key, is_meta_key};
 use crate::config::QueueConfig;
 use crate::error::QueueError;
 use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
@@ -332,15 +332,8 @@ fn finish_interrupted_removal(
     });
     let mut removed = 0;
     for chunk in keys.chunks(REMOVE_CHUNK) {
-        let mut batch = sled::Batch::default();
-        for key in chunk {
-            let raw = encode_key(*key);
-            if let Some(v) = tree.get(raw).map_err(failed)? {
-                counts.sub(key.channel, (KEY_LEN + v.len()) as u64);
-                batch.remove(&raw[..]);
-                removed += 1;
-            }
-        }
+        let (mut batch, keys) = intent::removal_batch(tree, chunk, counts).map_err(failed)?;
+        removed += keys.len();
         batch.insert(COUNTS_KEY, counts.encode(max_seq));
         tree.apply_batch(batch).map_err(failed)?;
     }

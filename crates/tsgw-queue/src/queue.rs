@@ -623,17 +623,9 @@ impl DurableQueue {
         state: &mut State,
         keys: &[QueueKey],
     ) -> Result<(), QueueError> {
-        let mut batch = sled::Batch::default();
         let mut counts = state.counts.clone();
-        let mut removed = Vec::new();
-        for key in keys {
-            let raw = encode_key(*key);
-            if let Some(v) = store.readings.get(raw).map_err(self.failure("remove"))? {
-                counts.sub(key.channel, (KEY_LEN + v.len()) as u64);
-                batch.remove(&raw[..]);
-                removed.push(*key);
-            }
-        }
+        let (batch, removed) = intent::removal_batch(&store.readings, keys, &mut counts)
+            .map_err(self.failure("remove"))?;
         if removed.is_empty() {
             return Ok(());
         }
