@@ -31,12 +31,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use thingspeak_emulator::EmulatorHandle;
 use tsgw_core::{Metrics, ReadingStore, Target, Value};
 use tsgw_queue::{DurableQueue, QueueConfig};
 
-use crate::harness::{self, channel, emulator, gateway_config, metric_sum, Gateway, CHANNELS};
+use crate::harness::{
+    self, channel, emulator, gateway_config, metric_sum, AckedDevice, Gateway, CHANNELS,
+};
 use crate::stats::Table;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -94,34 +96,11 @@ impl CrashDevice {
         owned: Vec<Slot>,
         ledger: Arc<Mutex<Ledger>>,
     ) -> Result<CrashDevice> {
-        let mut opts = MqttOptions::new(&id, broker.ip().to_string(), broker.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(opts, 10);
-        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (conn_tx, conn_rx) = tokio::sync::oneshot::channel();
-        let mut conn_tx = Some(conn_tx);
-        let eventloop = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(tx) = conn_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        let _ = ack_tx.send(a.pkid);
-                    }
-                    Ok(_) => {}
-                    // The gateway was killed: this connection is over, and a
-                    // reconnect would replay unacked messages behind the bench's back.
-                    Err(_) => return,
-                }
-            }
-        });
-        tokio::time::timeout(harness::WAIT, conn_rx)
-            .await
-            .map_err(|_| anyhow!("device {id} did not connect"))?
-            .map_err(|_| anyhow!("device {id} connection failed"))?;
+        let AckedDevice {
+            client,
+            acks: mut ack_rx,
+            eventloop,
+        } = AckedDevice::connect(broker, &id).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {

@@ -474,6 +474,52 @@ pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// A connected MQTT device whose PUBACK packet ids arrive on `acks`. Its
+/// event loop ends at the first connection error and never reconnects: a
+/// reconnect would replay unacked messages behind the bench's back, and a
+/// missing PUBACK is what the harnesses check for.
+pub struct AckedDevice {
+    pub client: AsyncClient,
+    pub acks: tokio::sync::mpsc::UnboundedReceiver<u16>,
+    pub eventloop: tokio::task::JoinHandle<()>,
+}
+
+impl AckedDevice {
+    pub async fn connect(broker: SocketAddr, id: &str) -> Result<AckedDevice> {
+        let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 10);
+        let (ack_tx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let (conn_tx, conn_rx) = tokio::sync::oneshot::channel();
+        let mut conn_tx = Some(conn_tx);
+        let eventloop = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = conn_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        let _ = ack_tx.send(a.pkid);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, conn_rx)
+            .await
+            .map_err(|_| anyhow!("device {id} did not connect to {broker}"))?
+            .map_err(|_| anyhow!("device {id}: connection failed"))?;
+        Ok(AckedDevice {
+            client,
+            acks,
+            eventloop,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,14 +34,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorHandle, WriteOrigin};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::harness::{
-    self, channel, gateway_config_to, metric_sum, Gateway, Upstream, CHANNELS, CLIENT_ID, PASSWORD,
-    USERNAME, WAIT,
+    self, channel, gateway_config_to, metric_sum, AckedDevice, Gateway, Upstream, CHANNELS,
+    CLIENT_ID, PASSWORD, USERNAME, WAIT,
 };
 use crate::stats::Table;
 
@@ -290,34 +290,11 @@ impl LoadDevice {
         stop: Arc<AtomicBool>,
     ) -> Result<LoadDevice> {
         let id = format!("outage-dev-{index}");
-        let mut opts = MqttOptions::new(&id, broker.ip().to_string(), broker.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(opts, 10);
-        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (conn_tx, conn_rx) = tokio::sync::oneshot::channel();
-        let mut conn_tx = Some(conn_tx);
-        let eventloop = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(tx) = conn_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        let _ = ack_tx.send(a.pkid);
-                    }
-                    Ok(_) => {}
-                    // The local broker never goes away in this harness; a lost
-                    // connection ends the device, and its missing PUBACK fails the run.
-                    Err(_) => return,
-                }
-            }
-        });
-        tokio::time::timeout(WAIT, conn_rx)
-            .await
-            .map_err(|_| anyhow!("device {id} did not connect to {broker}"))?
-            .map_err(|_| anyhow!("device {id}: connection failed"))?;
+        let AckedDevice {
+            client,
+            acks: mut ack_rx,
+            eventloop,
+        } = AckedDevice::connect(broker, &id).await?;
         let task = tokio::spawn(async move {
             // Devices are staggered within a period so they do not publish in step.
             let phase = index as f64 / devices as f64;
