@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, Reading, Value};
-use tsgw_mqtt::{MqttSource, MqttSourceConfig};
+use tsgw_mqtt::{BrokerTlsConfig, MqttSource, MqttSourceConfig};
+
+mod common;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -635,36 +637,6 @@ async fn thousands_of_connections_on_the_plain_listener() {
     shutdown.cancel();
 }
 
-/// A self-signed certificate for localhost as PEM files (the `[tls]` config
-/// section naming them), and a client config trusting it.
-fn tls_fixture(
-    dir: &tempfile::TempDir,
-    handshake_timeout: Duration,
-) -> (String, Arc<rustls::ClientConfig>) {
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert_file = dir.path().join("broker.crt");
-    let key_file = dir.path().join("broker.key");
-    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
-    std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let section = format!(
-        "[tls]\nlisten = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\nhandshake_timeout_ms = {}\n",
-        cert_file.display().to_string(),
-        key_file.display().to_string(),
-        handshake_timeout.as_millis()
-    );
-    (section, Arc::new(client))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_connections_on_the_tls_listener() {
     let _one_flood = FLOOD.lock().await;
@@ -674,11 +646,15 @@ async fn thousands_of_connections_on_the_tls_listener() {
     let (n, m) = flood_size(3000, 1000);
     let timeout = Duration::from_millis(3000);
     let dir = tempfile::tempdir().unwrap();
-    let (tls_section, client_tls) = tls_fixture(&dir, timeout);
-    let cfg = config(&format!(
-        "max_connections = {m}\nconnect_timeout_ms = {}\n{tls_section}",
+    let (tls, client_tls) = common::tls_fixture(&dir);
+    let mut cfg = config(&format!(
+        "max_connections = {m}\nconnect_timeout_ms = {}",
         timeout.as_millis()
     ));
+    cfg.tls = Some(BrokerTlsConfig {
+        handshake_timeout_ms: timeout.as_millis() as u64,
+        ..tls
+    });
     let shutdown = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel(1000);
     let metrics = Metrics::new();

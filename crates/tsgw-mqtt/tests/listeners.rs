@@ -1,6 +1,5 @@
 //! The optional listeners (TLS, WebSocket) and device authentication.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
@@ -9,7 +8,10 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, Reading, Secret, Value};
-use tsgw_mqtt::{BrokerTlsConfig, MqttSource, MqttSourceConfig};
+use tsgw_mqtt::{MqttSource, MqttSourceConfig};
+
+mod common;
+use common::tls_fixture;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -93,34 +95,6 @@ async fn devices_need_the_configured_credentials() {
         .await
         .unwrap();
     expect_value(&mut rx, 1.5).await;
-}
-
-/// A self-signed server certificate for localhost, as PEM files, plus a client config trusting it.
-fn tls_fixture(dir: &tempfile::TempDir) -> (BrokerTlsConfig, Arc<rustls::ClientConfig>) {
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert_file = dir.path().join("broker.crt");
-    let key_file = dir.path().join("broker.key");
-    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
-    std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    (
-        BrokerTlsConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert_file,
-            key_file,
-            handshake_timeout_ms: 500,
-        },
-        Arc::new(client),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
