@@ -296,6 +296,26 @@ fn bad(key: &str, message: impl Into<String>) -> ForwarderError {
     }
 }
 
+fn check_host(key: &str, host: &str) -> Result<(), ForwarderError> {
+    if host.trim().is_empty() {
+        return Err(bad(key, "must not be empty"));
+    }
+    if host.contains(['/', ' ']) {
+        return Err(bad(
+            key,
+            format!("{host:?} must be a host name or address, without scheme or path"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_port(key: &str, port: Option<u16>) -> Result<(), ForwarderError> {
+    if port == Some(0) {
+        return Err(bad(key, "must be 1..65535"));
+    }
+    Ok(())
+}
+
 fn check_secs(key: &str, v: f64, min: f64) -> Result<(), ForwarderError> {
     if !v.is_finite() || v < min || v > MAX_SECS {
         return Err(bad(
@@ -309,21 +329,8 @@ fn check_secs(key: &str, v: f64, min: f64) -> Result<(), ForwarderError> {
 impl UpstreamConfig {
     /// Checks every setting; the error names the offending key.
     pub fn validate(&self) -> Result<(), ForwarderError> {
-        if self.host.trim().is_empty() {
-            return Err(bad("host", "must not be empty"));
-        }
-        if self.host.contains('/') || self.host.contains(' ') {
-            return Err(bad(
-                "host",
-                format!(
-                    "{:?} must be a host name or address, without scheme or path",
-                    self.host
-                ),
-            ));
-        }
-        if self.port == Some(0) {
-            return Err(bad("port", "must be 1..65535"));
-        }
+        check_host("host", &self.host)?;
+        check_port("port", self.port)?;
         if self.has_primary() {
             check_credentials(
                 "",
@@ -399,18 +406,8 @@ impl UpstreamConfig {
                 format!("{} is not from 1 to 14400", self.bulk_max_updates),
             ));
         }
-        if self.rest_host.trim().is_empty() || self.rest_host.contains(['/', ' ']) {
-            return Err(bad(
-                "rest_host",
-                format!(
-                    "{:?} must be a host name, without scheme or path",
-                    self.rest_host
-                ),
-            ));
-        }
-        if self.rest_port == Some(0) {
-            return Err(bad("rest_port", "must be 1..65535"));
-        }
+        check_host("rest_host", &self.rest_host)?;
+        check_port("rest_port", self.rest_port)?;
         for (id, o) in &self.channels {
             let key = format!("channels.{id:?}");
             id.parse::<ChannelId>()
