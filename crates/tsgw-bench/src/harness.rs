@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use thingspeak::ChannelId;
-use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorHandle};
+use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorBuilder, EmulatorHandle};
 
 /// Upper bound for any single wait (a gateway start, a connect, a drain).
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -35,27 +35,36 @@ pub fn crypto() {
 /// the three bench channels, rate limit `interval`.
 pub async fn emulator(interval: Duration) -> Result<EmulatorHandle> {
     crypto();
-    let mut builder = Emulator::builder()
+    emulator_builder(interval)
         .tls("127.0.0.1:0")
         .tcp("127.0.0.1:0")
-        .default_interval(interval);
-    for id in CHANNELS {
-        builder = builder.channel(ChannelSpec::new(
-            channel(id),
-            format!("WRITEKEY{id:08}"),
-            format!("READKEY{id:09}"),
-        ));
-    }
-    builder
-        .device(DeviceSpec::new(
-            CLIENT_ID,
-            USERNAME,
-            PASSWORD,
-            CHANNELS.map(channel),
-        ))
         .start()
         .await
         .map_err(|e| anyhow!("emulator does not start: {e}"))
+}
+
+/// An emulator with the three bench channels and the gateway's device
+/// account, rate limit `interval`; the caller adds listeners.
+pub fn emulator_builder(interval: Duration) -> EmulatorBuilder {
+    let mut builder = Emulator::builder().default_interval(interval);
+    for id in CHANNELS {
+        builder = builder.channel(ChannelSpec::new(
+            channel(id),
+            write_key(id),
+            format!("READKEY{id:09}"),
+        ));
+    }
+    builder.device(DeviceSpec::new(
+        CLIENT_ID,
+        USERNAME,
+        PASSWORD,
+        CHANNELS.map(channel),
+    ))
+}
+
+/// The emulated Write API key of bench channel `id`.
+pub fn write_key(id: u64) -> String {
+    format!("WRITEKEY{id:08}")
 }
 
 /// A gateway config: upstream = `emulator` over TLS, OS-assigned local ports,

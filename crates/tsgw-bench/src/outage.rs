@@ -35,13 +35,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
-use thingspeak_emulator::{ChannelSpec, DeviceSpec, Emulator, EmulatorHandle, WriteOrigin};
+use thingspeak_emulator::{EmulatorHandle, WriteOrigin};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::harness::{
-    self, channel, gateway_config_to, metric_sum, AckedDevice, Gateway, Upstream, CHANNELS,
-    CLIENT_ID, PASSWORD, USERNAME, WAIT,
+    self, channel, gateway_config_to, metric_sum, write_key, AckedDevice, Gateway, Upstream,
+    CHANNELS, WAIT,
 };
 use crate::stats::Table;
 
@@ -572,25 +572,10 @@ pub async fn run(args: OutageArgs, binary: PathBuf) -> Result<String> {
     let machine_before = harness::machine_summary();
     harness::crypto();
     let interval = Duration::from_secs(args.interval);
-    let mut builder = Emulator::builder()
+    let emu = harness::emulator_builder(interval)
         .tls("127.0.0.1:0")
         .https("127.0.0.1:0")
-        .default_interval(interval)
-        .bulk_interval(Duration::from_secs(BULK_INTERVAL_SECS));
-    for id in CHANNELS {
-        builder = builder.channel(ChannelSpec::new(
-            channel(id),
-            write_key(id),
-            format!("READKEY{id:09}"),
-        ));
-    }
-    let emu = builder
-        .device(DeviceSpec::new(
-            CLIENT_ID,
-            USERNAME,
-            PASSWORD,
-            CHANNELS.map(channel),
-        ))
+        .bulk_interval(Duration::from_secs(BULK_INTERVAL_SECS))
         .start()
         .await
         .map_err(|e| anyhow!("emulator does not start: {e}"))?;
@@ -1080,10 +1065,6 @@ parser = {{ format = "json", fields = {{ "/c" = "field1", "/one" = "field2", "/n
         bail!("outage: {}", failures.join("; "));
     }
     Ok(report)
-}
-
-fn write_key(id: u64) -> String {
-    format!("WRITEKEY{id:08}")
 }
 
 fn total_entries(emu: &EmulatorHandle) -> u64 {
