@@ -369,3 +369,27 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Publishes `{tag}{ch}{field}` to each of channel `ch`'s 8 field topics.
+pub async fn publish_channel(dev: &rumqttc::AsyncClient, ch: u64, tag: &str) {
+    for f in 1..=8 {
+        publish(
+            dev,
+            &format!("channels/{ch}/publish/fields/field{f}"),
+            format!("{tag}{ch}{f}"),
+        )
+        .await;
+    }
+}
+
+/// Whether the emulator got every value [`publish_channel`] sent with `tag`.
+pub fn channel_delivered(
+    got: &std::collections::BTreeMap<(u64, String), Vec<String>>,
+    ch: u64,
+    tag: &str,
+) -> bool {
+    (1..=8).all(|f| {
+        got.get(&(ch, format!("field{f}")))
+            .is_some_and(|v| v.contains(&format!("{tag}{ch}{f}")))
+    })
+}

@@ -142,28 +142,6 @@ fn free_kib(path: &Path) -> String {
         .unwrap_or_else(|| "(statfs failed)".into())
 }
 
-async fn publish_channel(dev: &rumqttc::AsyncClient, ch: u64, tag: &str) {
-    for f in 1..=8 {
-        publish(
-            dev,
-            &format!("channels/{ch}/publish/fields/field{f}"),
-            format!("{tag}{ch}{f}"),
-        )
-        .await;
-    }
-}
-
-fn channel_delivered(
-    got: &std::collections::BTreeMap<(u64, String), Vec<String>>,
-    ch: u64,
-    tag: &str,
-) -> bool {
-    (1..=8).all(|f| {
-        got.get(&(ch, format!("field{f}")))
-            .is_some_and(|v| v.contains(&format!("{tag}{ch}{f}")))
-    })
-}
-
 /// Waits until `metric` is at least `at_least`; returns its value.
 async fn wait_metric(gateway: &Gateway, metric: &str, at_least: f64) -> f64 {
     let deadline = tokio::time::Instant::now() + WAIT;

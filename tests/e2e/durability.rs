@@ -73,26 +73,14 @@ async fn readings_flushed_before_sigkill_arrive_after_restart() {
 /// Round `r` writes the 8 fields of its own channel: a later round cannot
 /// supersede an earlier one's values by merging (last value per field wins).
 async fn publish_round(dev: &rumqttc::AsyncClient, round: usize) {
-    let ch = CHANNELS[round - 1];
-    for f in 1..=8 {
-        publish(
-            dev,
-            &format!("channels/{ch}/publish/fields/field{f}"),
-            format!("{round}{ch}{f}"),
-        )
-        .await;
-    }
+    publish_channel(dev, CHANNELS[round - 1], &round.to_string()).await;
 }
 
 fn round_delivered(
     got: &std::collections::BTreeMap<(u64, String), Vec<String>>,
     round: usize,
 ) -> bool {
-    let ch = CHANNELS[round - 1];
-    (1..=8).all(|f| {
-        got.get(&(ch, format!("field{f}")))
-            .is_some_and(|v| v.contains(&format!("{round}{ch}{f}")))
-    })
+    channel_delivered(got, CHANNELS[round - 1], &round.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
