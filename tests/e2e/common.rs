@@ -89,6 +89,10 @@ flush_interval_ms = 200
 [mqtt]
 listen = "127.0.0.1:0"
 
+# Drop-in publishes may write these channels (the gateway refuses others).
+[mqtt.drop_in]
+channels = [1001, 1002, 1003]
+
 [[mqtt.rules]]
 name = "json-sensor"
 topic = "sensors/+/json"

@@ -139,6 +139,20 @@ impl Topic {
         }
     }
 
+    /// The same topic with any API key removed (the current, keyless form;
+    /// a legacy `subscribe/json` stays `subscribe/json`). The local broker
+    /// relays drop-in publishes under this name, so no local subscriber ever
+    /// sees a device's write key.
+    pub fn without_key(&self) -> Topic {
+        let mut topic = self.clone();
+        match &mut topic {
+            Topic::Publish { key, .. } | Topic::PublishField { key, .. } => *key = None,
+            Topic::SubscribeJson { key, .. } | Topic::SubscribeFields { key, .. } => *key = None,
+            Topic::Subscribe { .. } => {}
+        }
+        topic
+    }
+
     /// The topic text with any key replaced by `****`, safe to log.
     pub fn redacted(&self) -> String {
         redact(&self.to_string())
@@ -475,5 +489,22 @@ mod tests {
         let t = Topic::parse("channels/1/subscribe/json/SECRETKEY").unwrap();
         assert_eq!(t.redacted(), "channels/1/subscribe/json/****");
         assert!(!format!("{t:?}").contains("SECRETKEY"));
+    }
+
+    #[test]
+    fn without_key_drops_only_the_key() {
+        for (legacy, keyless) in [
+            ("channels/7/publish/ABCDEFGHIJKLMNOP", "channels/7/publish"),
+            (
+                "channels/7/publish/fields/field2/ABCDEFGHIJKLMNOP",
+                "channels/7/publish/fields/field2",
+            ),
+            ("channels/7/publish", "channels/7/publish"),
+            ("channels/7/subscribe", "channels/7/subscribe"),
+        ] {
+            let topic = Topic::parse(legacy).unwrap();
+            assert_eq!(topic.without_key().to_string(), keyless);
+            assert!(!topic.without_key().has_key());
+        }
     }
 }

@@ -142,6 +142,10 @@ max_bytes = 268435456
 listen = "127.0.0.1:0"
 max_connections = 2000
 
+# Drop-in publishes may write these channels (the gateway refuses others).
+[mqtt.drop_in]
+channels = [1001, 1002, 1003]
+
 [[mqtt.rules]]
 name = "bench"
 topic = "bench/+"

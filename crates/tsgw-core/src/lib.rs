@@ -5,12 +5,14 @@
 //! async runtime, so every stage (and its tests) can depend on it freely.
 
 pub mod extract;
+pub mod intake;
 pub mod metrics;
 pub mod reading;
 pub mod secret;
 pub mod store;
 pub mod throttle;
 
+pub use intake::{durable_pair, Durable, DurableAck, IngestBatch};
 pub use metrics::Metrics;
 pub use reading::{Origin, Reading, SourceKind, Value};
 pub use secret::Secret;

@@ -29,6 +29,21 @@ pub struct Metrics {
     pub device_up: IntGaugeVec,
     /// Clients connected to the embedded local MQTT broker.
     pub broker_connections: IntGauge,
+    /// What the local broker's front refused: a CONNECT, a PUBLISH or a
+    /// subscription. Labels: reason (`bad_credentials`, `anonymous`,
+    /// `publish_denied`, `subscribe_denied`, `channel_not_allowed`, ...), user
+    /// (the MQTT username, `anonymous`, or `unknown` for an unknown username).
+    pub mqtt_denied_total: IntCounterVec,
+    /// Drop-in publishes refused because the channel is not configured
+    /// upstream or in `mqtt.drop_in.channels`. Labels: channel (the first
+    /// few hundred distinct ids; later ones count as `other`).
+    pub mqtt_refused_channel_total: IntCounterVec,
+    /// Times a source had to wait because the queue writer was behind (the
+    /// local broker then stops reading device sockets). Labels: source.
+    pub ingest_backpressure_total: IntCounterVec,
+    /// fsyncs the queue writer made for sources waiting on them (QoS 1
+    /// PUBACKs); each covers every batch that waited (group commit).
+    pub queue_group_commits_total: IntCounter,
 
     // --- durable queue -------------------------------------------------------
     /// Readings currently stored in the durable queue.
@@ -125,6 +140,32 @@ impl Metrics {
                 "tsgw_broker_connections",
                 "Clients connected to the local MQTT broker.",
             ),
+            mqtt_denied_total: counter_vec(
+                "tsgw_mqtt_denied_total",
+                "Connects, publishes and subscriptions the local broker refused, by reason and user.",
+                &["reason", "user"],
+            ),
+            mqtt_refused_channel_total: counter_vec(
+                "tsgw_mqtt_refused_channel_total",
+                "Drop-in publishes refused because their channel is not configured.",
+                &["channel"],
+            ),
+            ingest_backpressure_total: counter_vec(
+                "tsgw_ingest_backpressure_total",
+                "Times a source waited for the queue writer.",
+                &["source"],
+            ),
+            queue_group_commits_total: {
+                let c = IntCounter::new(
+                    "tsgw_queue_group_commits_total",
+                    "Queue fsyncs made for sources waiting on them (group commit).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             queue_readings: int_gauge("tsgw_queue_readings", "Readings in the durable queue."),
             queue_bytes: int_gauge(
                 "tsgw_queue_bytes",

@@ -1,10 +1,11 @@
-//! The embedded rumqttd broker, bound to private loopback ports only.
+//! The embedded rumqttd broker, bound to a private loopback port only.
 //!
-//! Devices never reach these ports directly: `front` owns the public sockets.
-//! rumqttd runs its router on its own thread and each server on a
+//! Devices never reach this port directly: `front` owns the public sockets,
+//! authenticates, and takes every publish's readings itself. rumqttd is left
+//! what it does well: sessions, local fan-out between devices, retained
+//! messages. It runs its router on its own thread and its server on a
 //! current-thread runtime of its own, as rumqttd itself does.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::time::{Duration, Instant};
 
@@ -16,28 +17,33 @@ use tracing::error;
 use crate::config::MqttSourceConfig;
 use crate::MqttSourceError;
 
-/// rumqttd's private listeners and the gateway's own link into its router.
+/// rumqttd's private listener and the gateway's link that keeps every topic routable.
 pub struct Embedded {
-    pub tcp_backend: SocketAddr,
-    pub ws_backend: Option<SocketAddr>,
-    pub link_tx: LinkTx,
-    pub link_rx: LinkRx,
+    pub backend: SocketAddr,
+    _sink_tx: LinkTx,
+    _sink_rx: LinkRx,
 }
 
-/// In-memory log of the ingest subscription: rumqttd keeps at most
-/// SEGMENT_SIZE × SEGMENT_COUNT bytes of publishes the gateway has not read yet.
-const SEGMENT_SIZE: usize = 1024 * 1024;
-const SEGMENT_COUNT: usize = 8;
+/// rumqttd keeps, per subscribed filter, an in-memory log of at most
+/// SEGMENT_SIZE × SEGMENT_COUNT bytes (1 MiB) of publishes. It is only the
+/// local fan-out's buffer: readings never pass through it (the front queues
+/// them), so a local subscriber that falls this far behind misses relayed
+/// messages, as a slow QoS 0 subscriber of mosquitto would.
+const SEGMENT_SIZE: usize = 256 * 1024;
+const SEGMENT_COUNT: usize = 4;
 
 /// How much longer than the fronts rumqttd waits for a CONNECT.
 const RUMQTTD_CONNECT_BACKSTOP_MS: u16 = 1000;
 
-/// The client id of the gateway's own link into the router.
-pub const INGEST_CLIENT_ID: &str = "tsgw-ingest";
+/// The client id of the gateway's own link into the router. It subscribes to
+/// `#` and never reads: with `dynamic_filters = false` rumqttd disconnects a
+/// client that publishes to a topic no filter matches, and dynamic filters
+/// would give every new topic a log of its own (memory without bound).
+pub const SINK_CLIENT_ID: &str = "tsgw-sink";
 
 pub async fn start(config: &MqttSourceConfig) -> Result<Embedded, MqttSourceError> {
     let router_config = RouterConfig {
-        // Room for the ingest link on top of the devices.
+        // Room for the sink link on top of the devices.
         max_connections: config.max_connections + 4,
         max_outgoing_packet_count: 200,
         max_segment_size: SEGMENT_SIZE,
@@ -55,66 +61,40 @@ pub async fn start(config: &MqttSourceConfig) -> Result<Embedded, MqttSourceErro
             .saturating_add(RUMQTTD_CONNECT_BACKSTOP_MS),
         max_payload_size: config.max_payload_bytes,
         max_inflight_count: 100,
-        auth: if config.users.is_empty() {
-            None
-        } else {
-            Some(
-                config
-                    .users
-                    .iter()
-                    .map(|(user, pass)| (user.clone(), pass.expose().to_owned()))
-                    .collect::<HashMap<_, _>>(),
-            )
-        },
+        // The front authenticates; rumqttd only ever sees loopback connections from it.
+        auth: None,
         external_auth: None,
         dynamic_filters: false,
     };
 
-    let tcp_backend = free_loopback_addr()?;
-    let tcp_server = Server::new(
-        server_settings("tsgw-mqtt-tcp", tcp_backend, connections.clone()),
+    let backend = free_loopback_addr()?;
+    let server = Server::new(
+        server_settings("tsgw-mqtt-tcp", backend, connections),
         router_tx.clone(),
         V4,
     );
-    spawn_server(tcp_server, "tsgw-mqtt-tcp", LinkType::Remote)?;
-    let ws_backend = match config.websocket_listen {
-        None => None,
-        Some(_) => {
-            let addr = free_loopback_addr()?;
-            let ws_server = Server::new(
-                server_settings("tsgw-mqtt-ws", addr, connections),
-                router_tx.clone(),
-                V4,
-            );
-            spawn_server(ws_server, "tsgw-mqtt-ws", LinkType::Websocket)?;
-            Some(addr)
-        }
-    };
+    spawn_server(server, "tsgw-mqtt-tcp", LinkType::Remote)?;
 
     let link_router = router_tx.clone();
-    let (mut link_tx, link_rx) = tokio::task::spawn_blocking(move || {
-        rumqttd::local::LinkBuilder::new(INGEST_CLIENT_ID, link_router)
+    let (mut sink_tx, sink_rx) = tokio::task::spawn_blocking(move || {
+        rumqttd::local::LinkBuilder::new(SINK_CLIENT_ID, link_router)
             .build()
             .map(|(tx, rx, _ack)| (tx, rx))
             // LinkError is large; keep only its message.
             .map_err(|e| e.to_string())
     })
     .await
-    .map_err(|e| MqttSourceError::Broker(format!("ingest link task: {e}")))?
-    .map_err(|e| MqttSourceError::Broker(format!("ingest link: {e}")))?;
-    link_tx
+    .map_err(|e| MqttSourceError::Broker(format!("sink link task: {e}")))?
+    .map_err(|e| MqttSourceError::Broker(format!("sink link: {e}")))?;
+    sink_tx
         .subscribe("#")
-        .map_err(|e| MqttSourceError::Broker(format!("ingest subscription: {e}")))?;
+        .map_err(|e| MqttSourceError::Broker(format!("sink subscription: {e}")))?;
 
-    wait_until_listening(tcp_backend).await?;
-    if let Some(ws) = ws_backend {
-        wait_until_listening(ws).await?;
-    }
+    wait_until_listening(backend).await?;
     Ok(Embedded {
-        tcp_backend,
-        ws_backend,
-        link_tx,
-        link_rx,
+        backend,
+        _sink_tx: sink_tx,
+        _sink_rx: sink_rx,
     })
 }
 

@@ -20,8 +20,17 @@ pub struct MqttSourceConfig {
     pub tls: Option<BrokerTlsConfig>,
     /// Optional MQTT over WebSocket listener (path-agnostic, subprotocol `mqtt`).
     pub websocket_listen: Option<SocketAddr>,
-    /// Device accounts: username → password. Empty means devices connect without credentials.
-    pub users: BTreeMap<String, Secret>,
+    /// Admit clients without an account. Off by default, as in mosquitto 2.x:
+    /// anyone on the LAN could otherwise write to your channels. A loopback
+    /// listener admits them anyway while no account is configured.
+    pub allow_anonymous: bool,
+    /// Device accounts: `name = "password"`, or a table with `password` and
+    /// the account's permissions (see [`AccountConfig`]). Passwords may be
+    /// argon2 PHC strings made by `tsgw passwd`. With no accounts, credentials
+    /// a device sends are ignored and it connects as anonymous (if admitted).
+    pub users: BTreeMap<String, UserConfig>,
+    /// What anonymous clients may do (when they are admitted at all).
+    pub anonymous: AclConfig,
     /// Largest accepted publish payload; bigger packets close that client only.
     pub max_payload_bytes: usize,
     /// Most simultaneous device connections. Each holds 3 open files: a limit
@@ -43,7 +52,9 @@ impl Default for MqttSourceConfig {
             listen: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
             tls: None,
             websocket_listen: None,
+            allow_anonymous: false,
             users: BTreeMap::new(),
+            anonymous: AclConfig::default(),
             max_payload_bytes: 16 * 1024,
             max_connections: 1000,
             connect_timeout_ms: 5000,
@@ -51,6 +62,98 @@ impl Default for MqttSourceConfig {
             rules: Vec::new(),
         }
     }
+}
+
+/// One entry of `[mqtt.users]`: a bare password (every permission), or an account table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum UserConfig {
+    Password(Secret),
+    Account(AccountConfig),
+}
+
+impl UserConfig {
+    pub fn password(&self) -> &Secret {
+        match self {
+            UserConfig::Password(p) => p,
+            UserConfig::Account(a) => &a.password,
+        }
+    }
+
+    /// The account's permissions; a bare password allows everything.
+    pub fn acl(&self) -> AclConfig {
+        match self {
+            UserConfig::Password(_) => AclConfig::default(),
+            UserConfig::Account(a) => AclConfig {
+                channels: a.channels.clone(),
+                publish: a.publish.clone(),
+                subscribe: a.subscribe.clone(),
+            },
+        }
+    }
+}
+
+impl From<Secret> for UserConfig {
+    fn from(password: Secret) -> Self {
+        UserConfig::Password(password)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserConfig {
+    /// A string (or an all-digit password from the environment) is a bare
+    /// password; a table is an account, whose unknown keys are errors that
+    /// name the key (an untagged enum would only say "did not match").
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UserConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a password, or a table with `password` and permissions")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UserConfig, E> {
+                Ok(UserConfig::Password(Secret::new(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UserConfig, E> {
+                Ok(UserConfig::Password(Secret::new(v.to_string())))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UserConfig, E> {
+                Ok(UserConfig::Password(Secret::new(v.to_string())))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<UserConfig, A::Error> {
+                AccountConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(UserConfig::Account)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `[mqtt.users.<name>]`: an account with its own permissions.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// The password, or its argon2 PHC string from `tsgw passwd`.
+    pub password: Secret,
+    /// Drop-in channels this account may publish to (within those the gateway
+    /// accepts at all). Omitted: all of them.
+    pub channels: Option<Vec<ChannelId>>,
+    /// Topic filters this account may publish to outside ThingSpeak's
+    /// `channels/...` namespace (rule topics, local traffic). Omitted: all.
+    pub publish: Option<Vec<String>>,
+    /// Topic filters this account may subscribe to. Omitted: all.
+    pub subscribe: Option<Vec<String>>,
+}
+
+/// Permissions of a kind of client. `None` means "no restriction".
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    pub channels: Option<Vec<ChannelId>>,
+    pub publish: Option<Vec<String>>,
+    pub subscribe: Option<Vec<String>>,
 }
 
 /// `[mqtt.tls]`: a TLS listener for devices that can do TLS.
@@ -76,7 +179,9 @@ fn default_handshake_timeout_ms() -> u64 {
 #[serde(deny_unknown_fields, default)]
 pub struct DropInConfig {
     pub enabled: bool,
-    /// Channels devices may publish to this way. Empty means any channel.
+    /// Channels devices may publish to this way. Empty means the channels the
+    /// upstream config names (`[upstream.channels.<id>]`, or the channels of
+    /// `[[upstream.connections]]`); publishes to any other are refused.
     pub channels: Vec<ChannelId>,
 }
 
@@ -138,6 +243,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("tagret"), "{err}");
+    }
+
+    #[test]
+    fn users_are_passwords_or_accounts() {
+        let cfg: MqttSourceConfig = toml::from_str(
+            r#"
+            [users]
+            esp = "plain"
+            pin = 1234
+            [users.plc]
+            password = "$argon2id$v=19$m=9216,t=4,p=1$c2FsdHNhbHQ$aGFzaA"
+            channels = [42]
+            subscribe = ["plc/#"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.users["esp"].password().expose(), "plain");
+        assert_eq!(cfg.users["pin"].password().expose(), "1234");
+        assert_eq!(cfg.users["esp"].acl(), AclConfig::default());
+        let plc = cfg.users["plc"].acl();
+        assert_eq!(plc.channels, Some(vec![ChannelId::new(42).unwrap()]));
+        assert_eq!(plc.subscribe, Some(vec!["plc/#".to_owned()]));
+        assert_eq!(plc.publish, None);
+        assert!(!format!("{cfg:?}").contains("plain"));
+    }
+
+    #[test]
+    fn a_typo_in_an_account_names_the_key() {
+        let err = toml::from_str::<MqttSourceConfig>(
+            "[users.plc]\npassword = \"x\"\nsubscibe = [\"a\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("subscibe"), "{err}");
     }
 
     #[test]

@@ -1,15 +1,14 @@
 //! Drop-in mode: devices written for ThingSpeak publish to the gateway with
 //! their unchanged topics and payloads. Keys in legacy topics are not checked
-//! here (the gateway authenticates upstream with its own credentials) and
-//! never logged.
+//! here (the gateway authenticates upstream with its own credentials), never
+//! logged and never relayed to local subscribers. Which channels are accepted
+//! is the front's policy (`ingest`), not this parser's.
 
 use thingspeak::payload::{parse_field_value, ChannelUpdate};
 use thingspeak::topic::Topic;
-use thingspeak::{ChannelId, Target};
+use thingspeak::Target;
 use tsgw_core::extract::Extracted;
 use tsgw_core::Value;
-
-use crate::config::DropInConfig;
 
 /// Why a drop-in publish was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -18,8 +17,6 @@ pub enum DropInError {
     Topic(String),
     #[error("topic {0:?} is a subscribe topic; devices can only publish through the gateway")]
     NotPublish(String),
-    #[error("channel {0} is not in mqtt.drop_in.channels")]
-    ChannelNotAllowed(ChannelId),
     #[error("payload: {0}")]
     Payload(String),
 }
@@ -29,7 +26,6 @@ impl DropInError {
         match self {
             DropInError::Topic(_) => "bad_topic",
             DropInError::NotPublish(_) => "not_publish",
-            DropInError::ChannelNotAllowed(_) => "channel_not_allowed",
             DropInError::Payload(_) => "bad_payload",
         }
     }
@@ -40,18 +36,20 @@ pub fn is_thingspeak_topic(topic: &str) -> bool {
     topic.starts_with("channels/")
 }
 
-/// Parses a ThingSpeak publish into values.
-pub fn extract(
-    config: &DropInConfig,
-    topic: &str,
-    payload: &[u8],
-) -> Result<Vec<Extracted>, DropInError> {
+/// Parses a ThingSpeak topic that a device published to.
+pub fn publish_topic(topic: &str) -> Result<Topic, DropInError> {
     let parsed = Topic::parse(topic).map_err(|e| DropInError::Topic(e.to_string()))?;
-    let channel = parsed.channel();
-    if !config.channels.is_empty() && !config.channels.contains(&channel) {
-        return Err(DropInError::ChannelNotAllowed(channel));
+    if parsed.is_publish() {
+        Ok(parsed)
+    } else {
+        Err(DropInError::NotPublish(parsed.redacted()))
     }
-    match parsed {
+}
+
+/// Parses a ThingSpeak publish into values.
+pub fn extract(topic: &Topic, payload: &[u8]) -> Result<Vec<Extracted>, DropInError> {
+    let channel = topic.channel();
+    match topic {
         Topic::Publish { .. } => {
             let update =
                 ChannelUpdate::parse(payload).map_err(|e| DropInError::Payload(e.to_string()))?;
@@ -67,6 +65,7 @@ pub fn extract(
                 .collect())
         }
         Topic::PublishField { field, .. } => {
+            let field = *field;
             let text = parse_field_value(field, payload)
                 .map_err(|e| DropInError::Payload(e.to_string()))?;
             Ok(vec![Extracted {
@@ -83,15 +82,15 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use thingspeak::ChannelId;
 
-    fn any() -> DropInConfig {
-        DropInConfig::default()
+    fn extract(topic: &str, payload: &[u8]) -> Result<Vec<Extracted>, DropInError> {
+        super::extract(&publish_topic(topic)?, payload)
     }
 
     #[test]
     fn channel_feed_with_created_at() {
         let out = extract(
-            &any(),
             "channels/42/publish",
             b"field1=21.5&field2=40&status=ok&created_at=2026-01-02T03:04:05Z",
         )
@@ -109,42 +108,25 @@ mod tests {
 
     #[test]
     fn legacy_field_topic_with_key() {
-        let out = extract(
-            &any(),
-            "channels/42/publish/fields/field3/ABCDEF0123456789",
-            b"7",
-        )
-        .unwrap();
+        let out = extract("channels/42/publish/fields/field3/ABCDEF0123456789", b"7").unwrap();
         assert_eq!(out[0].target.to_string(), "field3");
         assert_eq!(out[0].value, Value::Number(7.0));
     }
 
     #[test]
     fn refusals_name_the_problem() {
-        let only_7 = DropInConfig {
-            enabled: true,
-            channels: vec![ChannelId::new(7).unwrap()],
-        };
         assert_eq!(
-            extract(&only_7, "channels/42/publish", b"field1=1")
-                .unwrap_err()
-                .reason(),
-            "channel_not_allowed"
-        );
-        assert_eq!(
-            extract(&any(), "channels/42/publish/fields/field9", b"1")
+            extract("channels/42/publish/fields/field9", b"1")
                 .unwrap_err()
                 .reason(),
             "bad_topic"
         );
         assert_eq!(
-            extract(&any(), "channels/42/subscribe", b"")
-                .unwrap_err()
-                .reason(),
+            extract("channels/42/subscribe", b"").unwrap_err().reason(),
             "not_publish"
         );
         assert_eq!(
-            extract(&any(), "channels/42/publish", b"field1=1&bogus=2")
+            extract("channels/42/publish", b"field1=1&bogus=2")
                 .unwrap_err()
                 .reason(),
             "bad_payload"

@@ -37,6 +37,31 @@ impl TopicFilter {
         })
     }
 
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether every topic that `requested` (itself a filter) can match is
+    /// matched by this filter too: a subscription ACL grants `requested`
+    /// only then. `sensors/#` covers `sensors/+/t` but not `#`.
+    pub fn covers(&self, requested: &TopicFilter) -> bool {
+        let mut allowed = self.text.split('/');
+        let mut wanted = requested.text.split('/');
+        let mut first = true;
+        loop {
+            match (allowed.next(), wanted.next()) {
+                // `$SYS/...` is reached only by naming `$` literally (§4.7.2).
+                (Some("#" | "+"), Some(w)) if first && w.starts_with('$') => return false,
+                (Some("#"), _) => return true,
+                (Some("+"), Some(w)) if w != "#" => {}
+                (Some(a), Some(w)) if a == w && a != "+" => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+            first = false;
+        }
+    }
+
     /// Whether `topic` matches. Topics starting with `$` match only filters
     /// that name the `$` level literally (MQTT 3.1.1 §4.7.2).
     pub fn matches(&self, topic: &str) -> bool {
@@ -96,5 +121,30 @@ mod tests {
         for bad in ["", "a/#/b", "a#", "a/b+", "+a/b"] {
             assert!(TopicFilter::new(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn covers(allowed: &str, requested: &str) -> bool {
+        TopicFilter::new(allowed)
+            .unwrap()
+            .covers(&TopicFilter::new(requested).unwrap())
+    }
+
+    #[test]
+    fn coverage_of_one_filter_by_another() {
+        assert!(covers("#", "a/b"));
+        assert!(covers("#", "#"));
+        assert!(covers("a/#", "a/+/c"));
+        assert!(covers("a/#", "a"));
+        assert!(covers("a/#", "a/#"));
+        assert!(covers("a/+", "a/b"));
+        assert!(covers("a/+", "a/+"));
+        assert!(covers("a/b", "a/b"));
+        assert!(!covers("a/#", "#"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("a/+", "a/b/c"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(!covers("a/b", "a"));
+        assert!(!covers("#", "$SYS/x"));
+        assert!(covers("$SYS/#", "$SYS/x"));
     }
 }

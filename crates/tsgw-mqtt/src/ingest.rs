@@ -1,149 +1,233 @@
-//! Reads every publish from the embedded broker and turns it into readings.
+//! Decides what one device PUBLISH means: which readings it carries, whether
+//! the device may send it, and under which topic local subscribers see it.
+//!
+//! Pure decisions plus counting: the front calls this for every PUBLISH it
+//! reads and does the I/O (queue hand-over, relaying, acks) itself.
 
-use chrono::Utc;
-use rumqttd::local::LinkRx;
-use rumqttd::Notification;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
-use tsgw_core::extract::{ExtractError, Extracted};
+
+use chrono::{DateTime, Utc};
+use thingspeak::ChannelId;
+use tracing::warn;
+use tsgw_core::extract::Extracted;
 use tsgw_core::throttle::LogThrottle;
 use tsgw_core::{Metrics, Origin, Reading, SourceKind};
 
+use crate::auth::{Accounts, Identity};
 use crate::config::DropInConfig;
 use crate::dropin;
 use crate::rules::Rules;
 
-/// The mapping in force; replaced as a whole on config reload.
-#[derive(Debug, Clone, Default)]
+/// The mapping and access policy in force; replaced as a whole on config reload.
+#[derive(Debug, Default)]
 pub struct Mapping {
     pub rules: Rules,
     pub drop_in: DropInConfig,
+    /// Channels drop-in publishes may write: `mqtt.drop_in.channels`, or if
+    /// that is empty, the channels the upstream config names.
+    pub drop_in_channels: BTreeSet<ChannelId>,
+    pub accounts: Accounts,
 }
 
-/// The `device` label for drop-in publishes and for topics no rule matched.
-const DROP_IN_DEVICE: &str = "drop_in";
+/// The `device` label for anonymous drop-in publishes and for topics no rule matched.
+pub const DROP_IN_DEVICE: &str = "drop_in";
 const UNMAPPED_DEVICE: &str = "unmapped";
 
+/// Distinct refused channel ids counted under their own label; later ones
+/// count as `other`, so a device cannot grow the metrics without bound.
+const REFUSED_CHANNEL_LABELS: usize = 256;
+
+/// What to do with one PUBLISH.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Queue `readings` (possibly none: an unmapped or unparsable topic is
+    /// still local traffic) and relay the publish to local subscribers under
+    /// `relay_topic` when set (a legacy topic without its write key), else
+    /// under its own topic.
+    Accept {
+        readings: Vec<Reading>,
+        relay_topic: Option<String>,
+    },
+    /// Refused by policy: neither queued nor relayed. Counted and logged.
+    Deny,
+}
+
+/// Classifies publishes and counts what it refuses. Shared by every connection.
 pub struct Ingest {
-    pub link_rx: LinkRx,
-    pub mapping: watch::Receiver<Arc<Mapping>>,
-    pub readings: mpsc::Sender<Reading>,
-    pub metrics: Metrics,
-    pub throttle: LogThrottle,
+    metrics: Metrics,
+    throttle: LogThrottle,
+    refused_channels: Mutex<HashSet<ChannelId>>,
 }
 
 impl Ingest {
-    pub fn new(
-        link_rx: LinkRx,
-        mapping: watch::Receiver<Arc<Mapping>>,
-        readings: mpsc::Sender<Reading>,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(metrics: Metrics) -> Self {
         Self {
-            link_rx,
-            mapping,
-            readings,
             metrics,
             throttle: LogThrottle::new(Duration::from_secs(10)),
+            refused_channels: Mutex::new(HashSet::new()),
         }
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            let notification = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = self.link_rx.next() => n,
-            };
-            match notification {
-                Ok(Some(Notification::Forward(forward))) => {
-                    let publish = forward.publish;
-                    if !self.handle(&publish.topic, &publish.payload).await {
-                        return;
-                    }
-                }
-                // The router pauses a link after a burst of forwards until it
-                // says it is ready again; without this, ingest silently stops.
-                Ok(Some(Notification::Unschedule)) => {
-                    if let Err(e) = self.link_rx.wake().await {
-                        error!(error = %e, "embedded broker router is gone; MQTT ingest stops");
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    error!(error = %e, "embedded broker router is gone; MQTT ingest stops");
-                    return;
-                }
-            }
-        }
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
-    /// Returns false when the reading channel is closed (the gateway is stopping).
-    async fn handle(&mut self, topic: &[u8], payload: &[u8]) -> bool {
-        let Ok(topic) = std::str::from_utf8(topic) else {
-            // rumqttd rejects non-UTF-8 topics itself; this is belt and braces.
-            self.count_error(UNMAPPED_DEVICE, "bad_topic");
-            return true;
-        };
-        let mapping = self.mapping.borrow().clone();
-        let (device, extracted, errors): (&str, Vec<Extracted>, Vec<(String, &'static str)>) =
-            if mapping.drop_in.enabled && dropin::is_thingspeak_topic(topic) {
-                match dropin::extract(&mapping.drop_in, topic, payload) {
-                    Ok(values) => (DROP_IN_DEVICE, values, Vec::new()),
-                    Err(e) => (
-                        DROP_IN_DEVICE,
-                        Vec::new(),
-                        vec![(e.to_string(), e.reason())],
-                    ),
-                }
-            } else if let Some(rule) = mapping.rules.find(topic) {
+    pub fn publish(
+        &self,
+        mapping: &Mapping,
+        identity: &Identity,
+        topic: &str,
+        payload: &[u8],
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        if mapping.drop_in.enabled && dropin::is_thingspeak_topic(topic) {
+            return self.drop_in(mapping, identity, topic, payload, now);
+        }
+        if !identity.acl.may_publish_topic(topic) {
+            self.deny(identity, "publish_denied", topic);
+            return Verdict::Deny;
+        }
+        let readings = match mapping.rules.find(topic) {
+            Some(rule) => {
                 let out = rule.apply(payload);
-                let errors = out
-                    .errors
-                    .iter()
-                    .map(|e: &ExtractError| (e.to_string(), e.reason()))
-                    .collect();
-                (rule.name.as_str(), out.values, errors)
-            } else {
+                for error in &out.errors {
+                    self.rejected(&rule.name, topic, error.reason(), &error.to_string());
+                }
+                self.readings(&rule.name, out.values, now)
+            }
+            None => {
                 self.count_error(UNMAPPED_DEVICE, "unmapped_topic");
                 if let Some(suppressed) = self.throttle.check(&format!("unmapped:{topic}")) {
-                    warn!(topic = %printable(topic), suppressed, "no mqtt.rules entry matches this topic; message ignored");
+                    warn!(topic = %printable(topic), suppressed, "no mqtt.rules entry matches this topic; relayed to local subscribers only, not queued");
                 }
-                return true;
-            };
-
-        for (message, reason) in &errors {
-            self.count_error(device, reason);
-            self.metrics
-                .readings_total
-                .with_label_values(&["mqtt", device, "rejected"])
-                .inc();
-            if let Some(suppressed) = self.throttle.check(&format!("{device}:{reason}")) {
-                warn!(device, topic = %printable(topic), suppressed, "{message}");
+                Vec::new()
             }
+        };
+        Verdict::Accept {
+            readings,
+            relay_topic: None,
         }
+    }
 
-        let now = Utc::now();
-        for value in extracted {
-            let reading = Reading {
+    fn drop_in(
+        &self,
+        mapping: &Mapping,
+        identity: &Identity,
+        topic: &str,
+        payload: &[u8],
+        now: DateTime<Utc>,
+    ) -> Verdict {
+        let device = identity.user.as_deref().unwrap_or(DROP_IN_DEVICE);
+        let parsed = match dropin::publish_topic(topic) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                // Not a ThingSpeak publish topic: nobody may relay into that
+                // namespace (a local `channels/1/subscribe` publish would fake
+                // a ThingSpeak entry to the channel's subscribers).
+                self.rejected(device, topic, e.reason(), &e.to_string());
+                return Verdict::Deny;
+            }
+        };
+        let channel = parsed.channel();
+        if !mapping.drop_in_channels.contains(&channel) {
+            self.refused_channel(identity, channel, mapping);
+            return Verdict::Deny;
+        }
+        if !identity.acl.may_publish_channel(channel) {
+            self.deny(identity, "publish_denied", topic);
+            return Verdict::Deny;
+        }
+        let relay_topic = parsed.has_key().then(|| parsed.without_key().to_string());
+        let readings = match dropin::extract(&parsed, payload) {
+            Ok(values) => self.readings(device, values, now),
+            Err(e) => {
+                self.rejected(device, topic, e.reason(), &e.to_string());
+                Vec::new()
+            }
+        };
+        Verdict::Accept {
+            readings,
+            relay_topic,
+        }
+    }
+
+    fn readings(&self, device: &str, values: Vec<Extracted>, now: DateTime<Utc>) -> Vec<Reading> {
+        if values.is_empty() {
+            return Vec::new();
+        }
+        self.metrics
+            .readings_total
+            .with_label_values(&["mqtt", device, "accepted"])
+            .inc_by(values.len() as u64);
+        values
+            .into_iter()
+            .map(|value| Reading {
                 channel: value.channel,
                 target: value.target,
                 value: value.value,
                 measured_at: value.measured_at.unwrap_or(now),
                 origin: Origin::new(SourceKind::Mqtt, device),
-            };
-            if self.readings.send(reading).await.is_err() {
-                return false;
-            }
-            self.metrics
-                .readings_total
-                .with_label_values(&["mqtt", device, "accepted"])
-                .inc();
+            })
+            .collect()
+    }
+
+    /// A payload or topic that yields no reading: counted as a parse error.
+    fn rejected(&self, device: &str, topic: &str, reason: &str, message: &str) {
+        self.count_error(device, reason);
+        self.metrics
+            .readings_total
+            .with_label_values(&["mqtt", device, "rejected"])
+            .inc();
+        if let Some(suppressed) = self.throttle.check(&format!("{device}:{reason}")) {
+            warn!(device, topic = %printable(topic), suppressed, "{message}");
         }
-        true
+    }
+
+    /// A publish the client's permissions do not allow.
+    pub fn deny(&self, identity: &Identity, reason: &str, topic: &str) {
+        self.metrics
+            .mqtt_denied_total
+            .with_label_values(&[reason, identity.name()])
+            .inc();
+        if let Some(suppressed) = self
+            .throttle
+            .check(&format!("deny:{reason}:{}", identity.name()))
+        {
+            warn!(user = identity.name(), topic = %printable(topic), reason, suppressed, "local MQTT client refused");
+        }
+    }
+
+    fn refused_channel(&self, identity: &Identity, channel: ChannelId, mapping: &Mapping) {
+        self.metrics
+            .mqtt_denied_total
+            .with_label_values(&["channel_not_allowed", identity.name()])
+            .inc();
+        let label = {
+            let mut seen = self
+                .refused_channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if seen.contains(&channel) || seen.len() < REFUSED_CHANNEL_LABELS {
+                seen.insert(channel);
+                channel.to_string()
+            } else {
+                "other".to_owned()
+            }
+        };
+        self.metrics
+            .mqtt_refused_channel_total
+            .with_label_values(&[&label])
+            .inc();
+        if let Some(suppressed) = self.throttle.check(&format!("refused:{channel}")) {
+            let fix = if mapping.drop_in.channels.is_empty() {
+                format!("add [upstream.channels.{channel}] to the config (or list it in mqtt.drop_in.channels)")
+            } else {
+                format!("add {channel} to mqtt.drop_in.channels")
+            };
+            warn!(user = identity.name(), %channel, suppressed, "drop-in publish refused: the gateway does not forward to channel {channel}; {fix}");
+        }
     }
 
     fn count_error(&self, device: &str, reason: &str) {

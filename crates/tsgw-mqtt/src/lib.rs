@@ -2,11 +2,16 @@
 //! publish becomes readings for the durable queue.
 //!
 //! ```text
-//! device ──► front (public socket, TLS, counting) ──► rumqttd (loopback) ──► ingest ──► mpsc<Reading>
+//! device ──► front (public socket, TLS/WebSocket, auth, ACL, flow control) ──► mpsc<IngestBatch> ──► queue writer
+//!              │  ▲ PUBACK once the readings are fsynced
+//!              ▼  │
+//!            rumqttd (loopback): sessions, local fan-out, retained messages
 //! ```
 //! Two ways in: ThingSpeak's own topics (drop-in, for devices already written
 //! for ThingSpeak) and configured rules (topic filter + payload parser).
 
+pub mod acl;
+pub mod auth;
 mod broker;
 pub mod config;
 pub mod dropin;
@@ -15,18 +20,24 @@ mod front;
 mod ingest;
 pub mod rules;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use thingspeak::ChannelId;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tsgw_core::{Metrics, Reading};
+use tsgw_core::{IngestBatch, Metrics};
 
-pub use config::{BrokerTlsConfig, DropInConfig, MqttSourceConfig, RuleConfig};
-use front::{Front, Handshake};
+use auth::{AccountError, Accounts};
+pub use config::{
+    AccountConfig, AclConfig, BrokerTlsConfig, DropInConfig, MqttSourceConfig, RuleConfig,
+    UserConfig,
+};
+use front::{Context, Front, Handshake};
 use ingest::{Ingest, Mapping};
 use rules::{RuleError, Rules};
 
@@ -42,6 +53,8 @@ pub enum MqttSourceError {
     Tls(String),
     #[error(transparent)]
     Rule(#[from] RuleError),
+    #[error(transparent)]
+    Account(#[from] AccountError),
     #[error("mqtt: {0}")]
     Invalid(String),
     #[error("embedded broker: {0}")]
@@ -51,6 +64,7 @@ pub enum MqttSourceError {
 /// Checks a config without binding anything.
 pub fn validate(config: &MqttSourceConfig) -> Result<(), MqttSourceError> {
     Rules::compile(&config.rules)?;
+    Accounts::compile(config)?;
     if config.max_payload_bytes == 0 {
         return Err(MqttSourceError::Invalid(
             "max_payload_bytes must be above 0".into(),
@@ -84,14 +98,20 @@ pub struct ListenAddrs {
 pub struct MqttSource {
     addrs: ListenAddrs,
     mapping: watch::Sender<Arc<Mapping>>,
+    /// rumqttd's router and the gateway's link into it live as long as this.
+    _broker: broker::Embedded,
 }
 
 impl MqttSource {
-    /// Binds the listeners, starts the embedded broker and the ingest task.
+    /// Binds the listeners, starts the embedded broker and the fronts.
     /// Fails (with the config key and address) if a port is taken.
+    ///
+    /// `upstream_channels` are the channels the upstream config names: with
+    /// `mqtt.drop_in.channels` empty, drop-in publishes may write only those.
     pub async fn start(
         config: &MqttSourceConfig,
-        readings: mpsc::Sender<Reading>,
+        upstream_channels: &BTreeSet<ChannelId>,
+        intake: mpsc::Sender<IngestBatch>,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Self, MqttSourceError> {
@@ -118,16 +138,24 @@ impl MqttSource {
             );
         }
         let slots = Arc::new(Semaphore::new(slot_count));
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.into());
+        let (mapping_tx, mapping_rx) =
+            watch::channel(Arc::new(compile_mapping(config, upstream_channels)?));
+        let context = Arc::new(Context {
+            backend: embedded.backend,
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms.into()),
+            max_packet_bytes: config.max_payload_bytes,
+            mapping: mapping_rx,
+            ingest: Arc::new(Ingest::new(metrics.clone())),
+            intake,
+        });
         let mut addrs = ListenAddrs::default();
         let mut fronts = Vec::new();
         if let Some(listener) = plain {
             fronts.push(Front {
                 name: "mqtt",
                 listener,
-                backend: embedded.tcp_backend,
                 handshake: Handshake::None,
-                connect_timeout,
+                context: context.clone(),
             });
         }
         if let Some((listener, tls_config)) = tls {
@@ -136,21 +164,21 @@ impl MqttSource {
             fronts.push(Front {
                 name: "mqtts",
                 listener,
-                backend: embedded.tcp_backend,
                 handshake: Handshake::Tls {
                     acceptor,
                     timeout: Duration::from_millis(tls_config.handshake_timeout_ms),
                 },
-                connect_timeout,
+                context: context.clone(),
             });
         }
-        if let (Some(listener), Some(backend)) = (ws, embedded.ws_backend) {
+        if let Some(listener) = ws {
             fronts.push(Front {
                 name: "mqtt-ws",
                 listener,
-                backend,
-                handshake: Handshake::None,
-                connect_timeout,
+                handshake: Handshake::WebSocket {
+                    timeout: Duration::from_millis(config.connect_timeout_ms.into()),
+                },
+                context: context.clone(),
             });
         }
         for front in fronts {
@@ -162,24 +190,16 @@ impl MqttSource {
             }
             if let Some(addr) = addr {
                 info!(listener = front.name, %addr, "local MQTT listener ready");
+                if !addr.ip().is_loopback() && !config.allow_anonymous {
+                    info!(listener = front.name, %addr, "clients without an account are refused on this listener (mqtt.allow_anonymous = false)");
+                }
             }
             tokio::spawn(front.run(slots.clone(), metrics.clone(), shutdown.clone()));
         }
-
-        let (mapping_tx, mapping_rx) = watch::channel(Arc::new(Mapping {
-            rules: Rules::compile(&config.rules)?,
-            drop_in: config.drop_in.clone(),
-        }));
-        // Keep the transmit half alive: dropping it would unsubscribe the ingest link.
-        let link_tx = embedded.link_tx;
-        let ingest = Ingest::new(embedded.link_rx, mapping_rx, readings, metrics);
-        tokio::spawn(async move {
-            ingest.run(shutdown).await;
-            drop(link_tx);
-        });
         Ok(Self {
             addrs,
             mapping: mapping_tx,
+            _broker: embedded,
         })
     }
 
@@ -187,19 +207,39 @@ impl MqttSource {
         self.addrs
     }
 
-    /// Applies new rules and drop-in settings. Listener changes need a restart.
-    pub fn reload_mapping(&self, config: &MqttSourceConfig) -> Result<(), MqttSourceError> {
-        let mapping = Mapping {
-            rules: Rules::compile(&config.rules)?,
-            drop_in: config.drop_in.clone(),
-        };
-        self.mapping.send_replace(Arc::new(mapping));
+    /// Applies new rules, accounts and drop-in settings to new publishes and
+    /// connections. Listener changes need a restart.
+    pub fn reload_mapping(
+        &self,
+        config: &MqttSourceConfig,
+        upstream_channels: &BTreeSet<ChannelId>,
+    ) -> Result<(), MqttSourceError> {
+        validate(config)?;
+        self.mapping
+            .send_replace(Arc::new(compile_mapping(config, upstream_channels)?));
         Ok(())
     }
 }
 
+fn compile_mapping(
+    config: &MqttSourceConfig,
+    upstream_channels: &BTreeSet<ChannelId>,
+) -> Result<Mapping, MqttSourceError> {
+    let drop_in_channels = if config.drop_in.channels.is_empty() {
+        upstream_channels.clone()
+    } else {
+        config.drop_in.channels.iter().copied().collect()
+    };
+    Ok(Mapping {
+        rules: Rules::compile(&config.rules)?,
+        drop_in: config.drop_in.clone(),
+        drop_in_channels,
+        accounts: Accounts::compile(config)?,
+    })
+}
+
 /// Descriptors one device connection holds in this process: its socket, the
-/// splice to rumqttd and rumqttd's end of that splice.
+/// front's connection to rumqttd and rumqttd's end of it.
 const FDS_PER_CONNECTION: u64 = 3;
 /// Descriptors left for everything else: queue files, the upstream connection,
 /// serial ports, the metrics endpoint, connections being refused.

@@ -42,9 +42,8 @@ fn config(extra: &str) -> MqttSourceConfig {
 }
 
 async fn start(cfg: &MqttSourceConfig) -> (MqttSource, mpsc::Receiver<Reading>, Metrics) {
-    let (tx, rx) = mpsc::channel(1000);
     let metrics = Metrics::new();
-    let source = MqttSource::start(cfg, tx, metrics.clone(), CancellationToken::new())
+    let (source, rx) = common::start_source(cfg, metrics.clone(), CancellationToken::new())
         .await
         .unwrap();
     (source, rx, metrics)
@@ -620,9 +619,8 @@ async fn thousands_of_connections_on_the_plain_listener() {
         timeout.as_millis()
     ));
     let shutdown = CancellationToken::new();
-    let (tx, mut rx) = mpsc::channel(1000);
     let metrics = Metrics::new();
-    let source = MqttSource::start(&cfg, tx, metrics.clone(), shutdown.clone())
+    let (source, mut rx) = common::start_source(&cfg, metrics.clone(), shutdown.clone())
         .await
         .unwrap();
     let flood = Flood {
@@ -656,9 +654,8 @@ async fn thousands_of_connections_on_the_tls_listener() {
         ..tls
     });
     let shutdown = CancellationToken::new();
-    let (tx, mut rx) = mpsc::channel(1000);
     let metrics = Metrics::new();
-    let source = MqttSource::start(&cfg, tx, metrics.clone(), shutdown.clone())
+    let (source, mut rx) = common::start_source(&cfg, metrics.clone(), shutdown.clone())
         .await
         .unwrap();
     let flood = Flood {

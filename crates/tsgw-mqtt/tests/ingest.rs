@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, Reading, Value};
 use tsgw_mqtt::{MqttSource, MqttSourceConfig};
 
+mod common;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config(rules_toml: &str) -> MqttSourceConfig {
@@ -24,10 +26,9 @@ async fn start(
     Metrics,
     CancellationToken,
 ) {
-    let (tx, rx) = mpsc::channel(1000);
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
-    let source = MqttSource::start(cfg, tx, metrics.clone(), shutdown.clone())
+    let (source, rx) = common::start_source(cfg, metrics.clone(), shutdown.clone())
         .await
         .expect("source starts");
     (source, rx, metrics, shutdown)
@@ -207,8 +208,7 @@ async fn a_taken_port_fails_startup_naming_the_key() {
         listen: Some(taken.local_addr().unwrap()),
         ..MqttSourceConfig::default()
     };
-    let (tx, _rx) = mpsc::channel(1);
-    let err = MqttSource::start(&cfg, tx, Metrics::new(), CancellationToken::new())
+    let err = common::start_source(&cfg, Metrics::new(), CancellationToken::new())
         .await
         .err()
         .expect("startup fails");

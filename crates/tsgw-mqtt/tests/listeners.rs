@@ -30,9 +30,8 @@ fn rule_config() -> MqttSourceConfig {
 }
 
 async fn start(cfg: &MqttSourceConfig) -> (MqttSource, mpsc::Receiver<Reading>, Metrics) {
-    let (tx, rx) = mpsc::channel(100);
     let metrics = Metrics::new();
-    let source = MqttSource::start(cfg, tx, metrics.clone(), CancellationToken::new())
+    let (source, rx) = common::start_source(cfg, metrics.clone(), CancellationToken::new())
         .await
         .expect("source starts");
     (source, rx, metrics)
@@ -69,7 +68,7 @@ async fn expect_value(rx: &mut mpsc::Receiver<Reading>, expected: f64) {
 async fn devices_need_the_configured_credentials() {
     let mut cfg = rule_config();
     cfg.users
-        .insert("esp".into(), Secret::new("right-password"));
+        .insert("esp".into(), Secret::new("right-password").into());
     let (source, mut rx, _) = start(&cfg).await;
     let port = source.addrs().plain.unwrap().port();
 

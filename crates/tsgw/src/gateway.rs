@@ -1,5 +1,6 @@
 //! Starts the pipeline, runs it until a stop signal, and stops it without losing data.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use tsgw_core::{Metrics, Reading, ReadingStore};
+use tsgw_core::{ChannelId, Metrics, Reading, ReadingStore};
 use tsgw_mqtt::MqttSource;
 use tsgw_queue::DurableQueue;
 
@@ -20,9 +21,16 @@ use crate::ops::{http, systemd};
 use crate::pipeline::heartbeat::Heartbeat;
 use crate::pipeline::writer;
 
-/// Bound of the channel between sources and the queue writer. Enough to ride
-/// out a slow disk flush at full ingest rate without stalling the sources.
-const READING_CHANNEL: usize = 16 * 1024;
+/// Bound of the channel between the polled sources (serial, Modbus) and the
+/// queue writer, in readings. Polled devices produce a few readings a second;
+/// when the writer is behind they wait.
+const READING_CHANNEL: usize = 1024;
+
+/// Bound of the channel between the MQTT front and the queue writer, in
+/// batches of one device read (at most 16 KiB of publishes) each: with
+/// readings of about 100 bytes in memory, a few MiB at most. When it is full
+/// the front stops reading device sockets and TCP pushes back on the devices.
+const MQTT_BATCH_CHANNEL: usize = 32;
 
 /// How long a clean stop waits for sources to hand over their last readings.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,8 +96,12 @@ impl Gateway {
         info!(addr = %http_addr, "metrics and health endpoint ready");
 
         let (readings, readings_rx) = mpsc::channel(READING_CHANNEL);
+        let (mqtt_batches, mqtt_batches_rx) = mpsc::channel(MQTT_BATCH_CHANNEL);
         let writer = tokio::spawn(writer::run(
-            readings_rx,
+            writer::Inputs {
+                polled: readings_rx,
+                mqtt: mqtt_batches_rx,
+            },
             queue.clone(),
             metrics.clone(),
             heartbeat,
@@ -97,7 +109,8 @@ impl Gateway {
 
         let mqtt = MqttSource::start(
             &config.mqtt,
-            readings.clone(),
+            &upstream_channels(&config),
+            mqtt_batches,
             metrics.clone(),
             sources_stop.clone(),
         )
@@ -161,7 +174,7 @@ impl Gateway {
     pub async fn reload(&mut self, new: GatewayConfig) -> anyhow::Result<()> {
         new.validate()?;
         self.mqtt
-            .reload_mapping(&new.mqtt)
+            .reload_mapping(&new.mqtt, &upstream_channels(&new))
             .context("invalid [mqtt] section")?;
         // Stop the old pollers before starting new ones: serial ports are
         // opened exclusively, so the new task could not open a port the old
@@ -255,6 +268,19 @@ fn spawn_polled_devices(
         .context("cannot start [[modbus]] devices")?,
     );
     Ok(PolledDevices { stop, tasks })
+}
+
+/// The channels the upstream config names: `[upstream.channels.<id>]` and the
+/// channels of `[[upstream.connections]]`. Drop-in publishes may write only
+/// these unless `mqtt.drop_in.channels` lists others.
+fn upstream_channels(config: &GatewayConfig) -> BTreeSet<ChannelId> {
+    config
+        .upstream
+        .channels
+        .keys()
+        .filter_map(|id| id.parse::<u64>().ok().and_then(|n| ChannelId::new(n).ok()))
+        .chain(config.upstream.listed_channels())
+        .collect()
 }
 
 fn toml_of<T: serde::Serialize>(value: &T) -> String {

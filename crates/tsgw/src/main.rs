@@ -47,6 +47,12 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Hash a password for `[mqtt.users]` (or `[http.users]`): reads it from
+    /// standard input and prints the line to paste into the config.
+    Passwd {
+        /// The account name the printed line starts with.
+        user: String,
+    },
     /// Run a self-contained demo: a local ThingSpeak emulator, a gateway and simulated devices.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(config),
         Command::Run { config } => run(config),
+        Command::Passwd { user } => passwd(&user),
         Command::Demo { seconds } => runtime().and_then(|rt| rt.block_on(demo::run(seconds))),
     };
     match result {
@@ -86,6 +93,34 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
     );
     print!("{}", config.to_masked_toml()?);
     Ok(())
+}
+
+fn passwd(user: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprintln!("Password for {user} (input is shown; pipe it in to keep it off the screen):");
+    }
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    let hash = tsgw_mqtt::auth::hash_password(password)
+        .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
+    println!("{} = \"{hash}\"", toml_key(user));
+    Ok(())
+}
+
+/// A TOML key for `name`: bare if it can be, quoted otherwise.
+fn toml_key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if bare {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {

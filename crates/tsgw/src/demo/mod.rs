@@ -88,6 +88,10 @@ dir = {queue:?}
 [mqtt]
 listen = "127.0.0.1:0"
 
+# The simulated ESP board publishes drop-in to this channel.
+[mqtt.drop_in]
+channels = [{mqtt_channel}]
+
 [[mqtt.rules]]
 name = "garden-sensor"
 topic = "garden/+/climate"

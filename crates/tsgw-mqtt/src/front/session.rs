@@ -1,0 +1,659 @@
+//! One device connection, packet by packet.
+//!
+//! ```text
+//! device ──► inbound ──► rumqttd (loopback)     CONNECT: authenticated here, sent on without credentials
+//!               │                                PUBLISH: ACL, readings → queue writer, relayed (write key removed)
+//!               └──► queue writer                SUBSCRIBE: ACL; denied filters never reach rumqttd
+//! device ◄── outbound ◄── rumqttd                rumqttd's PUBACK/PUBREC dropped, SUBACK patched,
+//!               ▲                                everything else as it came
+//!               └── our PUBACK/PUBREC, once the queue has fsynced the publish's readings
+//! ```
+//!
+//! Flow control: inbound reads the device socket only after the previous
+//! chunk's readings were handed to the queue writer, whose channel is bounded.
+//! A writer that falls behind therefore stops the reads and TCP pushes back on
+//! the device; nothing is dropped on the way in.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use chrono::Utc;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
+    Subscribe, SubscribeFilter, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{self, FixedHeader, PacketType, Protocol, QoS};
+use thingspeak::topic::Topic;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tsgw_core::{durable_pair, Durable, IngestBatch, Reading};
+
+use super::{Context, Dropped};
+use crate::auth::{Identity, Refusal, ANONYMOUS};
+use crate::dropin;
+use crate::filter::TopicFilter;
+use crate::ingest::{Mapping, Verdict};
+
+/// Bytes read from a socket at a time. One chunk's publishes go to the queue
+/// writer as one batch, so this also bounds a batch (and the memory a
+/// connection holds while it waits for the writer).
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Batches of acks a connection may have waiting for their fsync. A device
+/// with more unacknowledged chunks in flight waits (its reads stop).
+const PENDING_ACK_BATCHES: usize = 16;
+
+/// The `user` label for a username no account has (device input must not
+/// become a label: it could grow the metrics without bound).
+const UNKNOWN_USER: &str = "unknown";
+
+/// Serves one device from its first byte (after any TLS or WebSocket
+/// handshake) to its disconnect.
+pub async fn run<S>(
+    device: S,
+    ctx: Arc<Context>,
+    loopback: bool,
+    shutdown: CancellationToken,
+) -> Result<(), Dropped>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + ctx.connect_timeout;
+    let late = || {
+        Dropped::ConnectTimeout(format!(
+            "no CONNECT accepted within {:?}",
+            ctx.connect_timeout
+        ))
+    };
+    let (mut device_read, mut device_write) = tokio::io::split(device);
+    let mut device_buf = BytesMut::with_capacity(READ_CHUNK);
+
+    // CONNECT: who is this?
+    let Some((header, frame)) = tokio::time::timeout_at(
+        deadline,
+        read_frame(&mut device_read, &mut device_buf, ctx.max_packet_bytes),
+    )
+    .await
+    .map_err(|_| late())??
+    else {
+        return Ok(()); // closed before saying anything
+    };
+    if header.packet_type().ok() != Some(PacketType::Connect) {
+        return Err(Dropped::protocol(
+            "protocol",
+            "the first packet is not CONNECT",
+        ));
+    }
+    let mut connect = match Connect::read(header, frame.freeze()) {
+        Ok(connect) if connect.protocol == Protocol::V4 => connect,
+        Ok(_) | Err(mqttbytes::Error::InvalidProtocolLevel(_)) => {
+            let _ =
+                write_connack(&mut device_write, ConnectReturnCode::RefusedProtocolVersion).await;
+            return Err(Dropped::protocol(
+                "protocol_version",
+                "only MQTT 3.1.1 is supported",
+            ));
+        }
+        Err(e) => {
+            return Err(Dropped::protocol(
+                "protocol",
+                format!("malformed CONNECT: {e}"),
+            ))
+        }
+    };
+    let mapping = ctx.mapping.borrow().clone();
+    let login = connect
+        .login
+        .as_ref()
+        .map(|l| (l.username.as_str(), l.password.as_str()));
+    let identity = match mapping.accounts.authenticate(login, loopback).await {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::Anonymous => ConnectReturnCode::NotAuthorized,
+                Refusal::UnknownUser | Refusal::BadPassword => {
+                    ConnectReturnCode::BadUserNamePassword
+                }
+            };
+            let user = match (refusal, login) {
+                (Refusal::BadPassword, Some((user, _))) => user.to_owned(),
+                (Refusal::UnknownUser, _) => UNKNOWN_USER.to_owned(),
+                _ => ANONYMOUS.to_owned(),
+            };
+            ctx.ingest
+                .metrics()
+                .mqtt_denied_total
+                .with_label_values(&[refusal.reason(), &user])
+                .inc();
+            let _ = write_connack(&mut device_write, code).await;
+            return Err(Dropped::Refused {
+                reason: refusal.reason(),
+                user,
+                client_id: connect.client_id,
+            });
+        }
+    };
+    // rumqttd runs without auth: the credentials stop here.
+    connect.login = None;
+
+    let broker = tokio::time::timeout_at(deadline, TcpStream::connect(ctx.backend))
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| {
+            Dropped::Io(format!(
+                "embedded broker unreachable at {}: {e}",
+                ctx.backend
+            ))
+        })?;
+    let _ = broker.set_nodelay(true);
+    let (mut broker_read, mut broker_write) = broker.into_split();
+    let mut connect_frame = BytesMut::new();
+    connect
+        .write(&mut connect_frame)
+        .map_err(|e| Dropped::protocol("protocol", format!("CONNECT not re-encodable: {e}")))?;
+    broker_write
+        .write_all(&connect_frame)
+        .await
+        .map_err(Dropped::io)?;
+    let mut broker_buf = BytesMut::with_capacity(READ_CHUNK);
+    let Some((header, connack)) = tokio::time::timeout_at(
+        deadline,
+        read_frame(&mut broker_read, &mut broker_buf, usize::MAX),
+    )
+    .await
+    .map_err(|_| late())??
+    else {
+        return Err(Dropped::Io(
+            "the embedded broker closed the connection before CONNACK".into(),
+        ));
+    };
+    device_write
+        .write_all(&connack)
+        .await
+        .map_err(Dropped::io)?;
+    device_write.flush().await.map_err(Dropped::io)?;
+    let accepted = header.packet_type().ok() == Some(PacketType::ConnAck)
+        && ConnAck::read(header, connack.freeze())
+            .map(|ack| ack.code == ConnectReturnCode::Success)
+            .unwrap_or(false);
+    if !accepted {
+        return Ok(());
+    }
+
+    let patches = SubackPatches::default();
+    let (to_device, from_inbound) = mpsc::channel(PENDING_ACK_BATCHES);
+    let inbound = Inbound {
+        ctx: &ctx,
+        identity,
+        patches: &patches,
+        exactly_once: HashMap::new(),
+    }
+    .run(device_read, device_buf, broker_write, to_device, shutdown);
+    let outbound = outbound(
+        broker_read,
+        broker_buf,
+        device_write,
+        from_inbound,
+        &patches,
+    );
+    // Either side ending ends the connection: a device that left, or rumqttd
+    // dropping it (keep-alive expired, a session taken over by a new connection).
+    tokio::select! {
+        r = inbound => r,
+        r = outbound => r,
+    }
+}
+
+/// Frames for the device that must wait until `durable` resolves (the acks of
+/// a chunk whose readings are being fsynced), or go at once (`None`).
+struct ToDevice {
+    frames: BytesMut,
+    durable: Option<Durable>,
+}
+
+/// For a SUBSCRIBE that had some filters denied: for each of its filters, the
+/// position in the (shorter) SUBSCRIBE rumqttd got, or `None` if denied.
+type SubackPatches = Mutex<HashMap<u16, Vec<Option<usize>>>>;
+
+/// What one read from the device produced.
+#[derive(Default)]
+struct Chunk {
+    readings: Vec<Reading>,
+    /// A QoS 1/2 publish of this chunk carried readings: its ack waits for the fsync.
+    wants_durable: bool,
+    /// Packets for rumqttd, already encoded.
+    relay: BytesMut,
+    /// Packets for the device (acks), already encoded, in order.
+    answers: BytesMut,
+}
+
+struct Inbound<'a> {
+    ctx: &'a Context,
+    identity: Identity,
+    patches: &'a SubackPatches,
+    /// QoS 2 publishes answered with PUBREC and waiting for PUBREL, and whether
+    /// rumqttd got them (a denied one is completed here).
+    exactly_once: HashMap<u16, bool>,
+}
+
+impl Inbound<'_> {
+    async fn run<R, W>(
+        mut self,
+        mut device: R,
+        mut buf: BytesMut,
+        mut broker: W,
+        to_device: mpsc::Sender<ToDevice>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Dropped>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let mapping = self.ctx.mapping.borrow().clone();
+            let mut chunk = Chunk::default();
+            let mut disconnect = false;
+            while let Some((header, frame)) = next_frame(&mut buf, self.ctx.max_packet_bytes)? {
+                let kind = header
+                    .packet_type()
+                    .map_err(|e| Dropped::protocol("protocol", e.to_string()))?;
+                match kind {
+                    PacketType::Publish => self.publish(&mapping, header, frame, &mut chunk)?,
+                    PacketType::PubRel => self.pubrel(header, frame, &mut chunk)?,
+                    PacketType::Subscribe => self.subscribe(header, frame, &mut chunk)?,
+                    PacketType::Disconnect => {
+                        chunk.relay.extend_from_slice(&frame);
+                        disconnect = true;
+                        break;
+                    }
+                    PacketType::Connect => {
+                        return Err(Dropped::protocol("protocol", "a second CONNECT"))
+                    }
+                    PacketType::ConnAck
+                    | PacketType::SubAck
+                    | PacketType::UnsubAck
+                    | PacketType::PingResp => {
+                        return Err(Dropped::protocol(
+                            "protocol",
+                            format!("{kind:?} is a server's packet"),
+                        ))
+                    }
+                    // Acks of what rumqttd delivered to this device, pings,
+                    // unsubscribes: rumqttd's business.
+                    PacketType::PubAck
+                    | PacketType::PubRec
+                    | PacketType::PubComp
+                    | PacketType::PingReq
+                    | PacketType::Unsubscribe => chunk.relay.extend_from_slice(&frame),
+                }
+            }
+            self.hand_over(chunk, &mut broker, &to_device).await?;
+            if disconnect {
+                return Ok(());
+            }
+            buf.reserve(READ_CHUNK);
+            let read = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                read = device.read_buf(&mut buf) => read,
+            };
+            if read.map_err(Dropped::io)? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn publish(
+        &mut self,
+        mapping: &Mapping,
+        header: FixedHeader,
+        frame: BytesMut,
+        chunk: &mut Chunk,
+    ) -> Result<(), Dropped> {
+        let raw = frame.freeze();
+        let publish = Publish::read(header, raw.clone())
+            .map_err(|e| Dropped::protocol("protocol", format!("malformed PUBLISH: {e}")))?;
+        if publish.topic.is_empty() || publish.topic.contains(['+', '#']) {
+            return Err(Dropped::protocol(
+                "bad_topic",
+                "PUBLISH to an empty topic or one with wildcards",
+            ));
+        }
+        if publish.qos == QoS::ExactlyOnce && self.exactly_once.contains_key(&publish.pkid) {
+            // A redelivery of a QoS 2 publish we already took: exactly once.
+            encode_into(&mut chunk.answers, |b| PubRec::new(publish.pkid).write(b));
+            return Ok(());
+        }
+        let verdict = self.ctx.ingest.publish(
+            mapping,
+            &self.identity,
+            &publish.topic,
+            &publish.payload,
+            Utc::now(),
+        );
+        let relayed = match verdict {
+            Verdict::Accept {
+                readings,
+                relay_topic,
+            } => {
+                if !readings.is_empty() {
+                    chunk.readings.extend(readings);
+                    chunk.wants_durable |= publish.qos != QoS::AtMostOnce;
+                }
+                match relay_topic {
+                    None => chunk.relay.extend_from_slice(&raw),
+                    Some(topic) => {
+                        let relay = Publish {
+                            topic,
+                            ..publish.clone()
+                        };
+                        encode_into(&mut chunk.relay, |b| relay.write(b));
+                    }
+                }
+                true
+            }
+            Verdict::Deny => false,
+        };
+        // A denied publish is still acknowledged, as mosquitto does: MQTT
+        // 3.1.1 has no negative PUBACK, and without one the device would
+        // resend it forever. It was counted where it was denied.
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                encode_into(&mut chunk.answers, |b| PubAck::new(publish.pkid).write(b))
+            }
+            QoS::ExactlyOnce => {
+                self.exactly_once.insert(publish.pkid, relayed);
+                encode_into(&mut chunk.answers, |b| PubRec::new(publish.pkid).write(b));
+            }
+        }
+        Ok(())
+    }
+
+    fn pubrel(
+        &mut self,
+        header: FixedHeader,
+        frame: BytesMut,
+        chunk: &mut Chunk,
+    ) -> Result<(), Dropped> {
+        let raw = frame.freeze();
+        let rel = PubRel::read(header, raw.clone())
+            .map_err(|e| Dropped::protocol("protocol", format!("malformed PUBREL: {e}")))?;
+        match self.exactly_once.remove(&rel.pkid) {
+            // rumqttd never saw a denied publish: complete it here.
+            Some(false) => encode_into(&mut chunk.answers, |b| PubComp::new(rel.pkid).write(b)),
+            Some(true) | None => chunk.relay.extend_from_slice(&raw),
+        }
+        Ok(())
+    }
+
+    fn subscribe(
+        &mut self,
+        header: FixedHeader,
+        frame: BytesMut,
+        chunk: &mut Chunk,
+    ) -> Result<(), Dropped> {
+        let subscribe = Subscribe::read(header, frame.freeze())
+            .map_err(|e| Dropped::protocol("protocol", format!("malformed SUBSCRIBE: {e}")))?;
+        let mut granted: Vec<SubscribeFilter> = Vec::new();
+        let mut positions = Vec::with_capacity(subscribe.filters.len());
+        for filter in subscribe.filters {
+            match self.may_subscribe(&filter.path) {
+                Ok(()) => {
+                    positions.push(Some(granted.len()));
+                    granted.push(filter);
+                }
+                Err(reason) => {
+                    self.ctx.ingest.deny(&self.identity, reason, &filter.path);
+                    positions.push(None);
+                }
+            }
+        }
+        if granted.is_empty() {
+            let codes = vec![SubscribeReasonCode::Failure; positions.len()];
+            encode_into(&mut chunk.answers, |b| {
+                SubAck::new(subscribe.pkid, codes).write(b)
+            });
+            return Ok(());
+        }
+        if positions.iter().any(Option::is_none) {
+            self.patches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(subscribe.pkid, positions);
+        }
+        let forwarded = Subscribe {
+            pkid: subscribe.pkid,
+            filters: granted,
+        };
+        encode_into(&mut chunk.relay, |b| forwarded.write(b));
+        Ok(())
+    }
+
+    /// Why a subscription is refused (the `reason` label), if it is.
+    fn may_subscribe(&self, path: &str) -> Result<(), &'static str> {
+        let filter = TopicFilter::new(path).map_err(|_| "bad_filter")?;
+        if dropin::is_thingspeak_topic(path)
+            && Topic::parse(path).is_ok_and(|topic| !topic.is_publish())
+        {
+            // ThingSpeak's own feeds are not relayed from upstream: granting
+            // the subscription would leave the device waiting for nothing.
+            return Err("thingspeak_feed");
+        }
+        if !self.identity.acl.may_subscribe(&filter) {
+            return Err("subscribe_denied");
+        }
+        Ok(())
+    }
+
+    /// Hands the chunk's readings to the queue writer (waiting while it is
+    /// behind), relays its packets to rumqttd and queues its acks.
+    async fn hand_over<W: AsyncWrite + Unpin>(
+        &self,
+        chunk: Chunk,
+        broker: &mut W,
+        to_device: &mpsc::Sender<ToDevice>,
+    ) -> Result<(), Dropped> {
+        let mut durable = None;
+        if !chunk.readings.is_empty() {
+            let ack = if chunk.wants_durable {
+                let (ack, fsynced) = durable_pair();
+                durable = Some(fsynced);
+                Some(ack)
+            } else {
+                None
+            };
+            let batch = IngestBatch {
+                readings: chunk.readings,
+                durable: ack,
+            };
+            let stopping = || Dropped::Io("the gateway is stopping".into());
+            match self.ctx.intake.try_send(batch) {
+                Ok(()) => {}
+                Err(TrySendError::Full(batch)) => {
+                    self.ctx
+                        .ingest
+                        .metrics()
+                        .ingest_backpressure_total
+                        .with_label_values(&["mqtt"])
+                        .inc();
+                    self.ctx.intake.send(batch).await.map_err(|_| stopping())?;
+                }
+                Err(TrySendError::Closed(_)) => return Err(stopping()),
+            }
+        }
+        if !chunk.relay.is_empty() {
+            broker.write_all(&chunk.relay).await.map_err(Dropped::io)?;
+        }
+        if !chunk.answers.is_empty() {
+            to_device
+                .send(ToDevice {
+                    frames: chunk.answers,
+                    durable,
+                })
+                .await
+                .map_err(|_| Dropped::Io("connection closing".into()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes to the device: rumqttd's packets as they come, and each batch of our
+/// acks once its readings are on disk, in the order the publishes came.
+async fn outbound<R, W>(
+    mut broker: R,
+    mut buf: BytesMut,
+    mut device: W,
+    mut from_inbound: mpsc::Receiver<ToDevice>,
+    patches: &SubackPatches,
+) -> Result<(), Dropped>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The batch of acks whose fsync is awaited; later batches wait behind it.
+    let mut waiting: Option<ToDevice> = None;
+    loop {
+        let idle = waiting.is_none();
+        let fsynced = async {
+            match waiting.as_mut().and_then(|w| w.durable.as_mut()) {
+                Some(durable) => durable.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            stored = fsynced => {
+                if !stored {
+                    // The disk failed: no ack. The device keeps its copies and
+                    // sends them again after it reconnects.
+                    return Err(Dropped::NotStored);
+                }
+                if let Some(acks) = waiting.take() {
+                    write_flush(&mut device, &acks.frames).await?;
+                }
+            }
+            next = from_inbound.recv(), if idle => match next {
+                None => return Ok(()),
+                Some(acks) if acks.durable.is_some() => waiting = Some(acks),
+                Some(acks) => write_flush(&mut device, &acks.frames).await?,
+            },
+            read = broker.read_buf(&mut buf) => {
+                if read.map_err(Dropped::io)? == 0 {
+                    return Ok(());
+                }
+                let mut out = BytesMut::new();
+                while let Some((header, frame)) = next_frame(&mut buf, usize::MAX)? {
+                    match header.packet_type() {
+                        // rumqttd acks the device's publishes on receipt; the
+                        // device hears it from us only after the fsync.
+                        Ok(PacketType::PubAck | PacketType::PubRec) => {}
+                        Ok(PacketType::SubAck) => patch_suback(header, frame, patches, &mut out)?,
+                        _ => out.extend_from_slice(&frame),
+                    }
+                }
+                if !out.is_empty() {
+                    write_flush(&mut device, &out).await?;
+                }
+                buf.reserve(READ_CHUNK);
+            }
+        }
+    }
+}
+
+/// Puts the denied filters' 0x80 back into rumqttd's SUBACK.
+fn patch_suback(
+    header: FixedHeader,
+    frame: BytesMut,
+    patches: &SubackPatches,
+    out: &mut BytesMut,
+) -> Result<(), Dropped> {
+    let raw: Bytes = frame.freeze();
+    let suback = SubAck::read(header, raw.clone())
+        .map_err(|e| Dropped::Io(format!("malformed SUBACK from the embedded broker: {e}")))?;
+    let patch = patches
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&suback.pkid);
+    match patch {
+        None => out.extend_from_slice(&raw),
+        Some(positions) => {
+            let codes = positions
+                .iter()
+                .map(|position| {
+                    position
+                        .and_then(|i| suback.return_codes.get(i).copied())
+                        .unwrap_or(SubscribeReasonCode::Failure)
+                })
+                .collect();
+            encode_into(out, |b| SubAck::new(suback.pkid, codes).write(b));
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` holds one whole packet and splits it off; `None` when
+/// the peer closed first.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_packet_bytes: usize,
+) -> Result<Option<(FixedHeader, BytesMut)>, Dropped> {
+    loop {
+        if let Some(frame) = next_frame(buf, max_packet_bytes)? {
+            return Ok(Some(frame));
+        }
+        buf.reserve(READ_CHUNK);
+        if reader.read_buf(buf).await.map_err(Dropped::io)? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// Splits the next whole packet off `buf`, or `None` if more bytes are needed.
+fn next_frame(
+    buf: &mut BytesMut,
+    max_packet_bytes: usize,
+) -> Result<Option<(FixedHeader, BytesMut)>, Dropped> {
+    match mqttbytes::check(buf.iter(), max_packet_bytes) {
+        Ok(header) => Ok(Some((header, buf.split_to(header.frame_length())))),
+        Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => Err(Dropped::protocol(
+            "payload_too_large",
+            format!("a packet of {size} bytes is over mqtt.max_payload_bytes ({max_packet_bytes})"),
+        )),
+        Err(e) => Err(Dropped::protocol(
+            "protocol",
+            format!("malformed packet: {e}"),
+        )),
+    }
+}
+
+/// Appends an encoded packet. Encoding into a growable buffer fails only for
+/// sizes MQTT cannot express, which packets we parsed or built never have.
+fn encode_into(
+    buf: &mut BytesMut,
+    write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>,
+) {
+    let before = buf.len();
+    if write(buf).is_err() {
+        buf.truncate(before);
+    }
+}
+
+async fn write_connack<W: AsyncWrite + Unpin>(
+    device: &mut W,
+    code: ConnectReturnCode,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    encode_into(&mut buf, |b| ConnAck::new(code, false).write(b));
+    device.write_all(&buf).await?;
+    device.flush().await
+}
+
+async fn write_flush<W: AsyncWrite + Unpin>(device: &mut W, bytes: &[u8]) -> Result<(), Dropped> {
+    device.write_all(bytes).await.map_err(Dropped::io)?;
+    device.flush().await.map_err(Dropped::io)
+}
