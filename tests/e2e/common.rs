@@ -89,10 +89,6 @@ flush_interval_ms = 200
 [mqtt]
 listen = "127.0.0.1:0"
 
-# Drop-in publishes may write these channels (the gateway refuses others).
-[mqtt.drop_in]
-channels = [1001, 1002, 1003]
-
 [[mqtt.rules]]
 name = "json-sensor"
 topic = "sensors/+/json"
@@ -104,6 +100,10 @@ name = "plain-sensor"
 topic = "sensors/+/plain"
 channel = 1001
 parser = {{ format = "plain", target = "field3" }}
+
+# Drop-in publishes may write these channels (the gateway refuses others).
+[mqtt.drop_in]
+channels = [1001, 1002, 1003]
 
 [http]
 listen = "127.0.0.1:0"
@@ -294,8 +294,26 @@ pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// A device: a rumqttc client connected to the gateway's local broker.
 pub async fn device(broker: SocketAddr, id: &str) -> AsyncClient {
+    connected(device_options(broker, id)).await
+}
+
+/// A device with a persistent session (clean session off): publishes the
+/// gateway did not acknowledge are sent again after a reconnect, as the
+/// gateway expects when it cannot store them (it acks only once on disk).
+pub async fn persistent_device(broker: SocketAddr, id: &str) -> AsyncClient {
+    let mut opts = device_options(broker, id);
+    opts.set_clean_session(false);
+    connected(opts).await
+}
+
+fn device_options(broker: SocketAddr, id: &str) -> MqttOptions {
     let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
     opts.set_keep_alive(Duration::from_secs(5));
+    opts
+}
+
+/// Starts a client's event loop (reconnecting after errors) and returns once connected.
+async fn connected(opts: MqttOptions) -> AsyncClient {
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let mut tx = Some(tx);

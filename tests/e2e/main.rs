@@ -8,4 +8,5 @@ mod delivery;
 mod devices;
 mod disk_full;
 mod durability;
+mod local_broker;
 mod operations;
