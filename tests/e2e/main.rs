@@ -8,5 +8,6 @@ mod delivery;
 mod devices;
 mod disk_full;
 mod durability;
+mod field_tools;
 mod local_broker;
 mod operations;

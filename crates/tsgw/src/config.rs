@@ -19,6 +19,8 @@ use tsgw_mqtt::MqttSourceConfig;
 use tsgw_queue::QueueConfig;
 use tsgw_serial::SerialPortConfig;
 
+mod describe;
+
 /// Prefix of environment variables that override config keys
 /// (`TSGW_UPSTREAM__PASSWORD` sets `upstream.password`).
 pub const ENV_PREFIX: &str = "TSGW_";
@@ -97,9 +99,19 @@ impl GatewayConfig {
     /// Reads `path` (which must exist), then the environment, then systemd credentials.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let figment = Self::figment(path)?;
-        let config: GatewayConfig = figment
-            .extract()
-            .map_err(|e| anyhow::anyhow!(describe_figment_error(e)))?;
+        let config: GatewayConfig = figment.extract().map_err(|e| {
+            let credentials = credentials_dir().map(|dir| {
+                let names = credentials().unwrap_or_default();
+                (dir, names.into_iter().map(|(name, _)| name).collect())
+            });
+            let origins = describe::Origins {
+                env_prefix: ENV_PREFIX,
+                credentials: credentials
+                    .as_ref()
+                    .map(|(dir, names): &(PathBuf, Vec<String>)| (dir.as_path(), names.clone())),
+            };
+            anyhow::anyhow!(describe::describe(e, &origins))
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -166,27 +178,11 @@ impl GatewayConfig {
     }
 }
 
-/// Figment errors already name the key and the file or variable it came
-/// from; this adds the hint users need most often.
-fn describe_figment_error(e: figment::Error) -> String {
-    let mut out = String::new();
-    for (i, err) in e.into_iter().enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
-        out.push_str(&err.to_string());
-        if err.to_string().contains("unknown field") {
-            out.push_str(" (check the spelling against config/gateway.example.toml)");
-        }
-    }
-    out
-}
-
 /// systemd `LoadCredential=` files: each file in `$CREDENTIALS_DIRECTORY` named
 /// like a dotted key (`upstream.password`) sets that key, so secrets need not
 /// sit in the world-readable config file.
 fn credentials() -> anyhow::Result<Vec<(String, String)>> {
-    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) else {
+    let Some(dir) = credentials_dir() else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
@@ -201,6 +197,10 @@ fn credentials() -> anyhow::Result<Vec<(String, String)>> {
     }
     out.sort();
     Ok(out)
+}
+
+fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
 }
 
 #[cfg(test)]
