@@ -9,7 +9,8 @@
 //! counters, base units (seconds, bytes).
 
 use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Handles to every metric family of the gateway.
@@ -74,6 +75,20 @@ pub struct Metrics {
     pub upstream_disconnects_total: IntCounterVec,
     /// Unix time of the last update written upstream.
     pub upstream_last_publish_timestamp_seconds: Gauge,
+    /// Unix time a channel's last update was written upstream (MQTT publish
+    /// written, or bulk call accepted). Labels: channel.
+    pub channel_last_sent_timestamp_seconds: GaugeVec,
+    /// Unix time a channel's last update counted as delivered. Labels: channel.
+    pub channel_last_confirmed_timestamp_seconds: GaugeVec,
+    /// Unix time the channel's next update may go: the later of its oldest
+    /// unsent window's close and its rate-limit slot; 0 with nothing to send.
+    /// Labels: channel.
+    pub channel_next_window_timestamp_seconds: GaugeVec,
+    /// Readings in a channel's closed windows that wait behind its newest
+    /// (the backlog still to backfill; 0 when caught up). Labels: channel.
+    pub backfill_remaining_readings: IntGaugeVec,
+    /// Closed windows of a channel that wait behind its newest. Labels: channel.
+    pub backfill_remaining_windows: IntGaugeVec,
 
     // --- process -------------------------------------------------------------
     /// Always 1; labels carry the version.
@@ -95,6 +110,13 @@ impl Metrics {
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -229,6 +251,31 @@ impl Metrics {
             upstream_last_publish_timestamp_seconds: gauge(
                 "tsgw_upstream_last_publish_timestamp_seconds",
                 "Unix time of the last update written upstream.",
+            ),
+            channel_last_sent_timestamp_seconds: float_gauge_vec(
+                "tsgw_channel_last_sent_timestamp_seconds",
+                "Unix time the channel's last update was written upstream.",
+                &["channel"],
+            ),
+            channel_last_confirmed_timestamp_seconds: float_gauge_vec(
+                "tsgw_channel_last_confirmed_timestamp_seconds",
+                "Unix time the channel's last update counted as delivered.",
+                &["channel"],
+            ),
+            channel_next_window_timestamp_seconds: float_gauge_vec(
+                "tsgw_channel_next_window_timestamp_seconds",
+                "Unix time the channel's next update may go (0: nothing to send).",
+                &["channel"],
+            ),
+            backfill_remaining_readings: gauge_vec(
+                "tsgw_backfill_remaining_readings",
+                "Readings in closed windows waiting behind the channel's newest.",
+                &["channel"],
+            ),
+            backfill_remaining_windows: gauge_vec(
+                "tsgw_backfill_remaining_windows",
+                "Closed windows waiting behind the channel's newest.",
+                &["channel"],
             ),
             build_info: gauge_vec(
                 "tsgw_build_info",

@@ -38,6 +38,10 @@ pub trait ReadingStore: Send + Sync + 'static {
     /// Channels that currently have queued readings, ascending.
     fn channels(&self) -> Result<Vec<ChannelId>, StoreError>;
 
+    /// Readings of `channel` currently queued (from counts, without a scan:
+    /// the forwarder reports backlog progress with it).
+    fn len_of(&self, channel: ChannelId) -> Result<u64, StoreError>;
+
     /// Up to `max` readings of `channel`, oldest first. Does not remove them.
     fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError>;
 
@@ -123,6 +127,15 @@ impl ReadingStore for MemoryStore {
         Ok(channels)
     }
 
+    fn len_of(&self, channel: ChannelId) -> Result<u64, StoreError> {
+        Ok(self
+            .lock()
+            .readings
+            .keys()
+            .filter(|k| k.channel == channel)
+            .count() as u64)
+    }
+
     fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
         Ok(self
             .lock()
@@ -179,6 +192,8 @@ mod tests {
         store.push(reading(1, 2.0));
         let c = store.push(reading(2, 3.0));
         assert_eq!(store.channels().unwrap().len(), 2);
+        assert_eq!(store.len_of(ChannelId::new(2).unwrap()).unwrap(), 2);
+        assert_eq!(store.len_of(ChannelId::new(3).unwrap()).unwrap(), 0);
         let two = store.peek(ChannelId::new(2).unwrap(), 10).unwrap();
         assert_eq!(two.iter().map(|q| q.key).collect::<Vec<_>>(), vec![a, c]);
         assert_eq!(store.peek(ChannelId::new(2).unwrap(), 1).unwrap().len(), 1);

@@ -35,6 +35,7 @@ use crate::config::{Auth, Backfill, UpstreamConfig};
 use crate::connection::{mqtt_options, CONNECT_TIMEOUT_SECS, REQUEST_CHANNEL_CAPACITY};
 use crate::driver::{drive, Closed, ConnEvent, ConnEventKind};
 use crate::error::ForwarderError;
+use crate::progress::{Backlog, Progress};
 use crate::rest::{BulkClient, BulkResult};
 use crate::schedule::Schedule;
 
@@ -171,6 +172,8 @@ pub(crate) struct Forwarder {
     /// Earliest time a channel needs looking at again (skips the queue scan on pushes).
     next_check: HashMap<ChannelId, Instant>,
     next_generation: u64,
+    /// Backlog gauges and the periodic backfill progress line.
+    progress: Progress,
     refusal_reported: bool,
     store_failing: bool,
     renew_idle_after: Duration,
@@ -224,6 +227,7 @@ impl Forwarder {
             legacy_key_reported: HashSet::new(),
             next_check: HashMap::new(),
             next_generation: 0,
+            progress: Progress::default(),
             refusal_reported: false,
             store_failing: false,
             renew_idle_after,
@@ -403,9 +407,14 @@ impl Forwarder {
             .updates_sent_total
             .with_label_values(&[&label])
             .inc();
+        let unix_now = unix_seconds(Utc::now());
         self.metrics
             .upstream_last_publish_timestamp_seconds
-            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            .set(unix_now);
+        self.metrics
+            .channel_last_sent_timestamp_seconds
+            .with_label_values(&[&label])
+            .set(unix_now);
         let confirms = self.confirms(channel);
         let timeout = self.confirm_timeout;
         let Some(p) = self.pending.get_mut(&channel) else {
@@ -443,6 +452,16 @@ impl Forwarder {
         };
         self.next_check.remove(&channel);
         let label = channel.to_string();
+        self.metrics
+            .channel_last_confirmed_timestamp_seconds
+            .with_label_values(&[&label])
+            .set(unix_seconds(Utc::now()));
+        // The next pass sets it again if more is queued (a channel with
+        // nothing queued is not looked at).
+        self.metrics
+            .channel_next_window_timestamp_seconds
+            .with_label_values(&[&label])
+            .set(0.0);
         if confirmed {
             self.metrics
                 .updates_confirmed_total
@@ -567,6 +586,15 @@ impl Forwarder {
                 state.backoff = interval;
                 // ThingSpeak counts REST writes against the channel's rate too.
                 self.schedule.record(channel, now);
+                let unix_now = unix_seconds(Utc::now());
+                self.metrics
+                    .channel_last_sent_timestamp_seconds
+                    .with_label_values(&[&label])
+                    .set(unix_now);
+                self.metrics
+                    .channel_last_confirmed_timestamp_seconds
+                    .with_label_values(&[&label])
+                    .set(unix_now);
                 let n = done.created_at.len() as u64;
                 self.metrics
                     .updates_sent_total
@@ -818,7 +846,10 @@ impl Forwarder {
             utc_now,
         );
         self.drop_rejected(channel, &rejected)?;
+        self.show_next_window(channel, groups.first(), now, utc_now);
         let closed: Vec<&Group> = groups.iter().filter(|g| g.is_closed(utc_now)).collect();
+        let left = self.backlog(channel, &queued, &closed)?;
+        self.progress.observe(channel, left, now, &self.metrics);
         if closed.is_empty() {
             return Ok(match groups.first() {
                 Some(g) => now + (g.closes_at - utc_now).to_std().unwrap_or(Duration::ZERO),
@@ -882,6 +913,57 @@ impl Forwarder {
             }
             _ => Ok(now + STORE_RETRY),
         }
+    }
+
+    /// What waits behind the channel's newest closed window. Past the
+    /// readings looked at in one pass, the queue's count gives the readings
+    /// and the windows are extrapolated from the readings per window seen.
+    fn backlog(
+        &self,
+        channel: ChannelId,
+        queued: &[tsgw_core::Queued],
+        closed: &[&Group],
+    ) -> Result<Backlog, tsgw_core::StoreError> {
+        let Some((_, older)) = closed.split_last() else {
+            return Ok(Backlog {
+                windows: 0,
+                readings: 0,
+            });
+        };
+        let mut windows = older.len() as u64;
+        let seen: u64 = older.iter().map(|g| g.readings.len() as u64).sum();
+        let mut readings = seen;
+        if queued.len() >= PEEK_LIMIT {
+            let unseen = self
+                .store
+                .len_of(channel)?
+                .saturating_sub(queued.len() as u64);
+            readings += unseen;
+            if seen > 0 {
+                windows += (unseen * windows).div_ceil(seen);
+            }
+        }
+        Ok(Backlog { windows, readings })
+    }
+
+    /// Sets the channel's next-window gauge: when its oldest unsent window can
+    /// go (closed, and the rate-limit slot free), 0 with nothing queued.
+    fn show_next_window(
+        &self,
+        channel: ChannelId,
+        oldest: Option<&Group>,
+        now: Instant,
+        utc_now: DateTime<Utc>,
+    ) {
+        let at = oldest.map_or(0.0, |g| {
+            let slot_in = self.schedule.due_at(channel).saturating_duration_since(now);
+            let slot = utc_now + chrono::TimeDelta::from_std(slot_in).unwrap_or_default();
+            unix_seconds(g.closes_at.max(slot))
+        });
+        self.metrics
+            .channel_next_window_timestamp_seconds
+            .with_label_values(&[&channel.to_string()])
+            .set(at);
     }
 
     /// The backfill policy in force for `channel`: bulk needs a write key and a
@@ -1269,6 +1351,11 @@ impl Forwarder {
     }
 }
 
+/// Seconds since the Unix epoch, for timestamp gauges.
+fn unix_seconds(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
 /// Whether ThingSpeak's echo of a value is the value sent: the same text, or
 /// the same number written differently (`21.50` for `21.5`), in case the
 /// service normalises numbers.
@@ -1461,6 +1548,40 @@ mod tests {
                 .get(),
             0,
             "never written before"
+        );
+    }
+
+    #[tokio::test]
+    async fn channel_gauges_follow_the_channel() {
+        let store = Arc::new(MemStore::default());
+        push_closed(&store, 1, field1(), Value::Number(1.0));
+        let metrics = Metrics::new();
+        let mut f = forwarder(false, store.clone(), metrics.clone());
+        macro_rules! gauge {
+            ($name:ident) => {
+                metrics.$name.with_label_values(&["42"]).get()
+            };
+        }
+        let before = unix_seconds(Utc::now());
+
+        f.send_due(later(2)).unwrap();
+        let next = gauge!(channel_next_window_timestamp_seconds);
+        assert!(
+            next >= before && next <= before + 2.0,
+            "closed window, slot one interval after start: {next} vs {before}"
+        );
+        assert_eq!(gauge!(channel_last_sent_timestamp_seconds), 0.0);
+
+        let _loop = connect_as(&mut f, 0);
+        f.send_due(later(2)).unwrap();
+        f.on_event(event(0, ConnEventKind::Written));
+        assert!(gauge!(channel_last_sent_timestamp_seconds) >= before);
+        assert!(gauge!(channel_last_confirmed_timestamp_seconds) >= before);
+        f.send_due(later(4)).unwrap();
+        assert_eq!(
+            gauge!(channel_next_window_timestamp_seconds),
+            0.0,
+            "nothing queued"
         );
     }
 

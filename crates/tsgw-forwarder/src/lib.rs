@@ -47,7 +47,8 @@
 //! Modules: `config` (settings), `connection` (rumqttc options, TLS trust),
 //! `driver` (one connection's event loop), `batch` (windows and aggregation,
 //! pure), `schedule` (per-channel interval bookkeeping, pure), `backoff`
-//! (reconnect delays, pure), `rest` (bulk-write HTTP client), `subset` (a store
+//! (reconnect delays, pure), `rest` (bulk-write HTTP client), `progress`
+//! (backlog gauges and the periodic backfill progress line), `subset` (a store
 //! view per connection), `forwarder` (the loop and the per-channel delivery
 //! state machine).
 
@@ -58,6 +59,7 @@ mod connection;
 mod driver;
 mod error;
 mod forwarder;
+mod progress;
 mod rest;
 mod schedule;
 mod subset;

@@ -48,6 +48,13 @@ impl ReadingStore for StoreSubset {
         Ok(channels)
     }
 
+    fn len_of(&self, channel: ChannelId) -> Result<u64, StoreError> {
+        if !self.selection.contains(channel) {
+            return Ok(0);
+        }
+        self.inner.len_of(channel)
+    }
+
     fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
         if !self.selection.contains(channel) {
             return Ok(Vec::new());

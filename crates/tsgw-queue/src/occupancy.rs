@@ -67,6 +67,11 @@ impl Counts {
         self.total
     }
 
+    /// Readings and bytes of one channel (zero when it has none).
+    pub fn of(&self, channel: ChannelId) -> Occupancy {
+        self.per_channel.get(&channel).copied().unwrap_or_default()
+    }
+
     /// Channels with readings, ascending.
     pub fn channels(&self) -> Vec<ChannelId> {
         self.per_channel.keys().copied().collect()
@@ -143,6 +148,8 @@ mod tests {
         c.add(b, 30);
         c.add(a, 40);
         assert_eq!(c.channels(), vec![b, a]);
+        assert_eq!(c.of(a).readings, 2);
+        assert_eq!(c.of(ChannelId::new(3).unwrap()), Occupancy::default());
         assert_eq!(
             c.total(),
             Occupancy {

@@ -678,6 +678,10 @@ impl ReadingStore for DurableQueue {
         Ok(self.lock().counts.channels())
     }
 
+    fn len_of(&self, channel: ChannelId) -> Result<u64, StoreError> {
+        Ok(self.lock().counts.of(channel).readings)
+    }
+
     fn peek(&self, channel: ChannelId, max: usize) -> Result<Vec<Queued>, StoreError> {
         self.peek_inner(channel, max)
             .map_err(|e| StoreError(e.to_string()))
