@@ -36,9 +36,11 @@ mod flusher;
 mod intent;
 mod occupancy;
 mod open;
+mod progress;
 mod queue;
 mod unflushed;
 
 pub use config::QueueConfig;
 pub use error::QueueError;
+pub use progress::{OpenPhase, OpenProgress, OpenState};
 pub use queue::DurableQueue;

@@ -25,6 +25,7 @@ use crate::config::QueueConfig;
 use crate::error::QueueError;
 use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
+use crate::progress::{log_progress, report_while_open, OpenPhase, OpenProgress, LOG_EVERY};
 
 /// Key in sled's default tree naming the layout of the `readings` tree.
 const FORMAT_KEY: &[u8] = b"tsgw-queue-format";
@@ -48,9 +49,30 @@ enum Failure {
     Environment(sled::Error),
 }
 
-pub fn open_or_quarantine(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, QueueError> {
+/// Opens the store (see the module's rules), logging progress every
+/// [`LOG_EVERY`] while that takes long and recording it in `progress`.
+pub fn open_or_quarantine(
+    config: &QueueConfig,
+    metrics: &Metrics,
+    progress: &OpenProgress,
+) -> Result<Opened, QueueError> {
+    progress.start();
+    let dir = config.dir.clone();
+    let _reporter = report_while_open(progress, LOG_EVERY, move |state| log_progress(&dir, state));
+    let opened = open_or_quarantine_inner(config, metrics, progress);
+    if opened.is_ok() {
+        progress.finish();
+    }
+    opened
+}
+
+fn open_or_quarantine_inner(
+    config: &QueueConfig,
+    metrics: &Metrics,
+    progress: &OpenProgress,
+) -> Result<Opened, QueueError> {
     let dir = &config.dir;
-    let cause = match try_open_waiting_for_lock(config, metrics) {
+    let cause = match try_open_waiting_for_lock(config, metrics, progress) {
         Ok(opened) => return Ok(opened),
         Err(Failure::Environment(source)) => {
             return Err(QueueError::Open {
@@ -77,7 +99,8 @@ pub fn open_or_quarantine(config: &QueueConfig, metrics: &Metrics) -> Result<Ope
         });
     }
     metrics.queue_quarantined_total.inc();
-    match try_open_waiting_for_lock(config, metrics) {
+    progress.enter(OpenPhase::Recovering);
+    match try_open_waiting_for_lock(config, metrics, progress) {
         Ok(opened) => {
             info!(dir = %dir.display(), "started a clean queue store");
             Ok(opened)
@@ -103,10 +126,14 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// file (and its lock) until they finish, so reopening a store right after
 /// closing it can find it locked for a moment. Another process holding it
 /// stays an error after the wait.
-fn try_open_waiting_for_lock(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> {
+fn try_open_waiting_for_lock(
+    config: &QueueConfig,
+    metrics: &Metrics,
+    progress: &OpenProgress,
+) -> Result<Opened, Failure> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
-        match try_open(config, metrics) {
+        match try_open(config, metrics, progress) {
             Err(Failure::Environment(e)) if is_lock_held(&e) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -139,7 +166,12 @@ fn quarantine_path(dir: &Path) -> PathBuf {
     candidate
 }
 
-fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> {
+fn try_open(
+    config: &QueueConfig,
+    metrics: &Metrics,
+    progress: &OpenProgress,
+) -> Result<Opened, Failure> {
+    progress.enter(OpenPhase::Recovering);
     let sled_config = sled::Config::new()
         .path(&config.dir)
         .cache_capacity(config.cache_capacity_bytes)
@@ -170,8 +202,9 @@ fn try_open(config: &QueueConfig, metrics: &Metrics) -> Result<Opened, Failure> 
     let readings = db
         .open_tree(READINGS_TREE)
         .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
-    let (mut counts, max_seq) = load_counts(&readings, metrics)?;
-    finish_interrupted_removal(&readings, &mut counts, max_seq)?;
+    progress.enter(OpenPhase::Counting);
+    let (mut counts, max_seq) = load_counts(&readings, metrics, progress)?;
+    finish_interrupted_removal(&readings, &mut counts, max_seq, progress)?;
     Ok(Opened {
         db,
         readings,
@@ -222,17 +255,25 @@ fn check_format(db: &sled::Db, existed: bool) -> Result<(), Failure> {
 /// `occupancy`) when they name exactly the channels the store holds;
 /// otherwise (a store written before the record existed, or a record that
 /// disagrees) from a full scan, stored as a fresh record.
-fn load_counts(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> {
-    if let Some(trusted) = stored_counts(tree)? {
+fn load_counts(
+    tree: &sled::Tree,
+    metrics: &Metrics,
+    progress: &OpenProgress,
+) -> Result<(Counts, u64), Failure> {
+    if let Some(trusted) = stored_counts(tree, progress)? {
         return Ok(trusted);
     }
-    let (counts, max_seq) = scan(tree, metrics)?;
+    progress.enter(OpenPhase::Counting);
+    let (counts, max_seq) = scan(tree, metrics, progress)?;
     tree.insert(COUNTS_KEY, counts.encode(max_seq))
         .map_err(|e| broken_unless_environment("storing the queue counts", e))?;
     Ok((counts, max_seq))
 }
 
-fn stored_counts(tree: &sled::Tree) -> Result<Option<(Counts, u64)>, Failure> {
+fn stored_counts(
+    tree: &sled::Tree,
+    progress: &OpenProgress,
+) -> Result<Option<(Counts, u64)>, Failure> {
     let record = tree
         .get(COUNTS_KEY)
         .map_err(|e| broken_unless_environment("reading the queue counts", e))?;
@@ -264,6 +305,7 @@ fn stored_counts(tree: &sled::Tree) -> Result<Option<(Counts, u64)>, Failure> {
                 let (k, v) =
                     item.map_err(|e| broken_unless_environment("counting recent readings", e))?;
                 counts.add(channel, (k.len() + v.len()) as u64);
+                progress.add(1);
             }
         }
     }
@@ -319,6 +361,7 @@ fn finish_interrupted_removal(
     tree: &sled::Tree,
     counts: &mut Counts,
     max_seq: u64,
+    progress: &OpenProgress,
 ) -> Result<(), Failure> {
     let failed = |e| broken_unless_environment("finishing an interrupted removal", e);
     let Some(record) = tree.get(INTENT_KEY).map_err(failed)? else {
@@ -331,11 +374,13 @@ fn finish_interrupted_removal(
         Vec::new()
     });
     let mut removed = 0;
+    progress.enter(OpenPhase::FinishingRemoval);
     for chunk in keys.chunks(REMOVE_CHUNK) {
         let (mut batch, keys) = intent::removal_batch(tree, chunk, counts).map_err(failed)?;
         removed += keys.len();
         batch.insert(COUNTS_KEY, counts.encode(max_seq));
         tree.apply_batch(batch).map_err(failed)?;
+        progress.add(chunk.len() as u64);
     }
     tree.remove(INTENT_KEY).map_err(failed)?;
     info!(
@@ -346,7 +391,11 @@ fn finish_interrupted_removal(
 }
 
 /// Counts what the store holds and removes entries that do not decode.
-fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> {
+fn scan(
+    tree: &sled::Tree,
+    metrics: &Metrics,
+    progress: &OpenProgress,
+) -> Result<(Counts, u64), Failure> {
     let mut counts = Counts::default();
     let mut max_seq = 0;
     let mut corrupt: Vec<(sled::IVec, String)> = Vec::new();
@@ -361,6 +410,7 @@ fn scan(tree: &sled::Tree, metrics: &Metrics) -> Result<(Counts, u64), Failure> 
             Ok(key) => {
                 counts.add(key.channel, (k.len() + v.len()) as u64);
                 max_seq = max_seq.max(key.seq);
+                progress.add(1);
             }
             Err(e) => {
                 let channel = decode_key(&k)

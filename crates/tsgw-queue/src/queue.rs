@@ -33,6 +33,7 @@ use crate::error::QueueError;
 use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
 use crate::open::open_or_quarantine;
+use crate::progress::OpenProgress;
 use crate::unflushed::Unflushed;
 
 /// At most one "queue full" warning per this period (with the count since the last).
@@ -89,8 +90,18 @@ struct Victim {
 impl DurableQueue {
     /// Opens (or creates) the store in `config.dir`, quarantining a broken one.
     pub fn open(config: &QueueConfig, metrics: Metrics) -> Result<DurableQueue, QueueError> {
+        Self::open_with_progress(config, metrics, &OpenProgress::new())
+    }
+
+    /// [`open`](Self::open), recording how far it got in `progress` (and
+    /// logging a progress line every 30 s while that takes long).
+    pub fn open_with_progress(
+        config: &QueueConfig,
+        metrics: Metrics,
+        progress: &OpenProgress,
+    ) -> Result<DurableQueue, QueueError> {
         config.validate()?;
-        let opened = open_or_quarantine(config, &metrics)?;
+        let opened = open_or_quarantine(config, &metrics, progress)?;
         let queue = DurableQueue {
             inner: Arc::new(Inner {
                 store: RwLock::new(Some(Arc::new(Store {
@@ -383,7 +394,11 @@ impl DurableQueue {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        match open_or_quarantine(&self.inner.config, &self.inner.metrics) {
+        match open_or_quarantine(
+            &self.inner.config,
+            &self.inner.metrics,
+            &OpenProgress::new(),
+        ) {
             Ok(opened) => {
                 self.count_lost_unflushed(&mut state, &opened.readings);
                 state.counts = opened.counts;
@@ -986,6 +1001,29 @@ mod tests {
         assert_eq!(Counts::decode(&stored).unwrap().0, expected);
         assert_eq!(q.lock().counts, expected);
         assert!(!q.is_empty());
+    }
+
+    #[test]
+    fn opening_reports_its_progress() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = QueueConfig {
+            dir: tmp.path().join("q"),
+            ..QueueConfig::default()
+        };
+        {
+            let q = DurableQueue::open(&config, Metrics::new()).unwrap();
+            q.push(&[reading(1, 1.0), reading(2, 2.0), reading(2, 3.0)])
+                .unwrap();
+            // Without a counts record the open counts by a full scan.
+            q.store().unwrap().readings.remove(COUNTS_KEY).unwrap();
+        }
+        let progress = OpenProgress::new();
+        assert_eq!(progress.state().phase, crate::OpenPhase::NotStarted);
+        let q = DurableQueue::open_with_progress(&config, Metrics::new(), &progress).unwrap();
+        let state = progress.state();
+        assert_eq!(state.phase, crate::OpenPhase::Open);
+        assert_eq!(state.items, 3, "the scan counted every reading");
+        assert_eq!(q.len(), 3);
     }
 
     #[test]
