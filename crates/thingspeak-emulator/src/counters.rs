@@ -71,6 +71,10 @@ counters! {
     update_calls,
     /// update.json calls answered `0` or an error status.
     update_rejected,
+    /// Read API calls (`feeds.json`, `feeds/last.json`).
+    feed_reads,
+    /// Read API calls on a private channel without its read key (answered `-1`).
+    feed_reads_refused,
 }
 
 impl LiveCounters {

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::core::Core;
 use crate::counters::LiveCounters;
 use crate::faults::RefuseMode;
+use crate::feeds;
 use crate::state::{BulkRejected, BulkTime, BulkUpdate, WriteOrigin};
 
 /// Serves `app` over TLS until shutdown: the same API as the plain listener,
@@ -84,6 +85,8 @@ pub(crate) fn router(core: Arc<Core>) -> Router {
         .route("/update", get(update_text).post(update_text))
         .route("/update.json", get(update_json).post(update_json))
         .route("/channels/:id/bulk_update.json", post(bulk_update))
+        .route("/channels/:id/feeds.json", get(feeds::feeds))
+        .route("/channels/:id/feeds/last.json", get(feeds::last))
         .route("/api/channels", get(list_channels))
         .route("/api/channels/:id/entries", get(list_entries))
         .route("/api/counters", get(counters))

@@ -35,6 +35,7 @@ pub mod faults;
 pub mod state;
 
 mod core;
+mod feeds;
 mod http;
 mod listeners;
 mod mqtt;
@@ -449,6 +450,14 @@ impl EmulatorHandle {
             .entries(channel)
             .map(<[Entry]>::to_vec)
             .unwrap_or_default()
+    }
+
+    /// Every entry stored from now on by MQTT or `/update` (not bulk), as it
+    /// is stored: a test can act at the moment ThingSpeak has an update and
+    /// its sender has not yet seen the echo. A receiver that falls more than
+    /// a few thousand entries behind misses some (`RecvError::Lagged`).
+    pub fn stored(&self) -> tokio::sync::broadcast::Receiver<Arc<Entry>> {
+        self.core.relay.subscribe()
     }
 
     pub fn counters(&self) -> Counters {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use rumqttc::{ConnectReturnCode, ConnectionError};
-use thingspeak_emulator::{RefuseMode, WriteOrigin};
+use thingspeak_emulator::{ChannelSpec, RefuseMode, WriteOrigin};
 
 fn bulk_body(key: &str, n: usize, start_sec: usize) -> String {
     let updates: Vec<String> = (0..n)
@@ -299,4 +299,138 @@ async fn rest_works_over_https_with_the_generated_ca() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("\r\n\r\n1"), "{resp}");
     assert_eq!(emu.entries(ch(100))[0].field(1), Some("12"));
+}
+
+#[tokio::test]
+async fn feeds_json_and_last_json_answer_in_thingspeak_shape_with_the_read_key() {
+    let emu = start(base().channel(ChannelSpec::new(ch(400), "WKEY400", "unused").public())).await;
+    let mut stored = emu.stored();
+    let form = Some("application/x-www-form-urlencoded");
+    for (i, at) in [
+        "2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:10Z",
+        "2026-01-01T00:00:20Z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = format!("api_key=WKEY100&field1={i}&status=s{i}&created_at={at}");
+        let (status, _) = http(&emu, "POST", "/update.json", form, &body).await;
+        assert_eq!(status, 200);
+        // The hook sees every stored entry, as it is stored.
+        let e = tokio::time::timeout(T, stored.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.field(1), Some(i.to_string().as_str()));
+    }
+
+    // A private channel needs its read key: without it, `-1`.
+    let (status, body) = http(&emu, "GET", "/channels/100/feeds.json", None, "").await;
+    assert_eq!((status, body.as_str()), (400, "-1"));
+    let (_, body) = http(
+        &emu,
+        "GET",
+        "/channels/100/feeds/last.json?api_key=WRONG",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(body, "-1");
+
+    // start/end (inclusive, ThingSpeak's `YYYY-MM-DD HH:NN:SS`) select entries.
+    let path = "/channels/100/feeds.json?api_key=RKEY100&start=2026-01-01%2000:00:10&end=2026-01-01%2000:00:20";
+    let (status, body) = http(&emu, "GET", path, None, "").await;
+    assert_eq!(status, 200, "{body}");
+    let feeds: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(feeds["channel"]["id"], 100);
+    assert_eq!(feeds["channel"]["last_entry_id"], 3);
+    let got: Vec<(&str, u64, &str)> = feeds["feeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["created_at"].as_str().unwrap(),
+                e["entry_id"].as_u64().unwrap(),
+                e["field1"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("2026-01-01T00:00:10Z", 2, "1"),
+            ("2026-01-01T00:00:20Z", 3, "2")
+        ]
+    );
+    assert!(
+        feeds["feeds"][0].get("status").is_none(),
+        "status only when asked"
+    );
+    assert!(feeds["feeds"][0]["field2"].is_null());
+
+    // The forwarder's own query, parsed by the shared types.
+    let t = thingspeak::parse_timestamp("2026-01-01T00:00:00Z").unwrap();
+    let path = thingspeak::read::feeds_path(ch(100), &t, &t, Some("RKEY100"));
+    let (_, body) = http(&emu, "GET", &path, None, "").await;
+    let answer = thingspeak::read::parse_answer::<thingspeak::Feeds>(body.as_bytes()).unwrap();
+    let thingspeak::ReadAnswer::Found(feeds) = answer else {
+        panic!("readable with the key: {body}");
+    };
+    assert_eq!(feeds.feeds.len(), 1);
+    assert_eq!(feeds.feeds[0].field1.as_deref(), Some("0"));
+
+    // results keeps the newest; last.json is the newest entry, status on request.
+    let (_, body) = http(
+        &emu,
+        "GET",
+        "/channels/100/feeds.json?api_key=RKEY100&results=1",
+        None,
+        "",
+    )
+    .await;
+    let feeds: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(feeds["feeds"].as_array().unwrap().len(), 1);
+    assert_eq!(feeds["feeds"][0]["entry_id"], 3);
+    let (status, body) = http(
+        &emu,
+        "GET",
+        "/channels/100/feeds/last.json?api_key=RKEY100&status=true",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let last: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (last["entry_id"].as_u64(), last["status"].as_str()),
+        (Some(3), Some("s2"))
+    );
+
+    // A public channel reads without a key; no entry yet: `-1`.
+    let (status, body) = http(&emu, "GET", "/channels/400/feeds/last.json", None, "").await;
+    assert_eq!((status, body.as_str()), (200, "-1"));
+    let (status, body) = http(&emu, "GET", "/channels/400/feeds.json", None, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["feeds"],
+        serde_json::json!([])
+    );
+    // Unknown channel, and a bad parameter named in the answer.
+    let (status, body) = http(&emu, "GET", "/channels/999/feeds.json", None, "").await;
+    assert_eq!((status, body.as_str()), (404, "-1"));
+    let (status, body) = http(
+        &emu,
+        "GET",
+        "/channels/100/feeds.json?api_key=RKEY100&start=soon",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("start"), "{body}");
+
+    let c = emu.counters();
+    assert_eq!((c.feed_reads, c.feed_reads_refused), (10, 2));
 }
