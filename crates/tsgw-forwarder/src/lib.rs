@@ -50,7 +50,7 @@
 //! (reconnect delays, pure), `rest` (bulk-write HTTP client), `progress`
 //! (backlog gauges and the periodic backfill progress line), `subset` (a store
 //! view per connection), `forwarder` (the loop and the per-channel delivery
-//! state machine).
+//! state machine, in `link`, `send`, `confirm` and `backfill` parts).
 
 mod backoff;
 mod batch;

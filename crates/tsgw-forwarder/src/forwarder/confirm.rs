@@ -1,0 +1,293 @@
+//! Confirmation and in-doubt resolution: the outstanding update of each
+//! channel, ThingSpeak's echo of it, the check by subscribing again, and what
+//! an entry at the update's `created_at` means.
+
+use chrono::{DateTime, Utc};
+use rumqttc::QoS;
+use thingspeak::{ChannelId, EntryJson, Topic};
+use tokio::time::Instant;
+
+use crate::batch::Batch;
+use crate::config::Auth;
+
+use super::{unix_seconds, Conn, Forwarder, IDLE, STORE_RETRY};
+
+/// Checks (subscribe again, wait for the channel's newest entry) that may find
+/// no trace of an update before its readings get a fresh `created_at`. A
+/// silently dropped publish fails one check, so this is only reached when
+/// something else owns that timestamp (another writer), or on a link that
+/// loses nearly everything.
+pub(super) const MAX_PROBES: u32 = 10;
+
+/// `created_at` values remembered per channel (for late readings).
+pub(super) const USED_MEMORY: usize = 4096;
+
+/// Where the outstanding update of a channel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// To be (re)sent at the channel's next slot.
+    Ready,
+    /// Handed to the connection, not yet written.
+    Writing,
+    /// Written; waiting for ThingSpeak to relay it back.
+    AwaitEcho { until: Instant },
+    /// Subscribed again to get the channel's newest entry; waiting for it.
+    Probe { until: Instant },
+    /// The connection died after (maybe) writing it: check after reconnecting.
+    InDoubt,
+}
+
+pub(super) struct Pending {
+    pub(super) batch: Batch,
+    pub(super) stage: Stage,
+    /// Times written to a connection.
+    pub(super) writes: u32,
+    /// Checks that found no trace of it.
+    pub(super) probes: u32,
+}
+
+/// The connection's subscription of a channel's feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sub {
+    Requested,
+    Granted,
+}
+
+/// Whether ThingSpeak's echo of a value is the value sent: the same text, or
+/// the same number written differently (`21.50` for `21.5`), in case the
+/// service normalises numbers.
+pub(super) fn same_value(echoed: &str, sent: &str) -> bool {
+    if echoed == sent {
+        return true;
+    }
+    match (echoed.trim().parse::<f64>(), sent.trim().parse::<f64>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+impl Forwarder {
+    pub(super) fn confirms(&self, channel: ChannelId) -> bool {
+        self.config.confirm && !self.unconfirmable.contains(&channel)
+    }
+
+    /// The outstanding update of `channel` is delivered: its readings leave
+    /// the store and its `created_at` is remembered as taken.
+    pub(super) fn deliver(&mut self, channel: ChannelId, confirmed: bool) {
+        let Some(p) = self.pending.remove(&channel) else {
+            return;
+        };
+        self.next_check.remove(&channel);
+        let label = channel.to_string();
+        self.metrics
+            .channel_last_confirmed_timestamp_seconds
+            .with_label_values(&[&label])
+            .set(unix_seconds(Utc::now()));
+        // The next pass sets it again if more is queued (a channel with
+        // nothing queued is not looked at).
+        self.metrics
+            .channel_next_window_timestamp_seconds
+            .with_label_values(&[&label])
+            .set(0.0);
+        if confirmed {
+            self.metrics
+                .updates_confirmed_total
+                .with_label_values(&[&label])
+                .inc();
+        }
+        match self.store.remove(&p.batch.covered) {
+            Ok(()) => {
+                if let Some(t) = p.batch.created_at() {
+                    self.mark_used(channel, [t]);
+                }
+            }
+            // The readings stay and form the same window again; ThingSpeak
+            // rejects its created_at as a duplicate and the check finds it.
+            Err(e) => tracing::error!(%channel, error = %e, "could not remove delivered readings"),
+        }
+    }
+
+    pub(super) fn mark_used(
+        &mut self,
+        channel: ChannelId,
+        times: impl IntoIterator<Item = DateTime<Utc>>,
+    ) {
+        let used = self.used.entry(channel).or_default();
+        used.extend(times);
+        while used.len() > USED_MEMORY {
+            used.pop_first();
+        }
+    }
+
+    pub(super) fn on_suback(&mut self, pkid: u16, granted: bool) {
+        let Some(channel) = self.sub_pkids.remove(&pkid) else {
+            return;
+        };
+        self.next_check.remove(&channel);
+        let now = Instant::now();
+        if granted {
+            self.subs.insert(channel, Sub::Granted);
+            if let Some(p) = self.pending.get_mut(&channel) {
+                if p.stage == Stage::InDoubt {
+                    // The newest entry comes right after the SUBACK.
+                    p.stage = Stage::Probe {
+                        until: now + self.confirm_timeout,
+                    };
+                }
+            }
+            return;
+        }
+        self.subs.remove(&channel);
+        self.unconfirmable.insert(channel);
+        tracing::warn!(
+            %channel,
+            "ThingSpeak refused the subscription to the channel's feed: updates of this channel \
+             count as delivered once written (no confirmation); authorise the MQTT device to \
+             subscribe to enable it"
+        );
+        if let Some(p) = self.pending.get_mut(&channel) {
+            match p.stage {
+                Stage::AwaitEcho { .. } | Stage::Probe { .. } => self.deliver(channel, false),
+                Stage::InDoubt => p.stage = Stage::Ready,
+                Stage::Ready | Stage::Writing => {}
+            }
+        }
+    }
+
+    /// An entry relayed on a channel's feed subscription.
+    pub(super) fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        let channel = match Topic::parse(topic) {
+            Ok(Topic::Subscribe { channel } | Topic::SubscribeJson { channel, .. }) => channel,
+            _ => {
+                tracing::debug!(topic, "message on an unexpected topic; ignored");
+                return;
+            }
+        };
+        let entry: EntryJson = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "unreadable entry on the channel feed; ignored");
+                return;
+            }
+        };
+        let Some(p) = self.pending.get_mut(&channel) else {
+            return;
+        };
+        if p.batch.created_at() != Some(entry.created_at) {
+            return;
+        }
+        let same_values =
+            p.batch.update.values.iter().all(|(target, value)| {
+                entry.get(*target).is_some_and(|got| same_value(got, value))
+            });
+        if same_values {
+            tracing::debug!(%channel, entry_id = entry.entry_id, "update confirmed");
+            self.deliver(channel, true);
+        } else {
+            // The timestamp belongs to another entry: ours can never be stored
+            // under it. The readings stay and join the next free window.
+            tracing::warn!(
+                %channel,
+                created_at = %thingspeak::format_timestamp(&entry.created_at),
+                "the channel already has a different entry at this created_at; \
+                 the readings move to the next window"
+            );
+            self.pending.remove(&channel);
+            self.mark_used(channel, [entry.created_at]);
+            self.next_check.remove(&channel);
+        }
+    }
+
+    /// Moves the outstanding update of `channel` forward.
+    pub(super) fn advance_pending(&mut self, channel: ChannelId, now: Instant) -> Instant {
+        let idle = now + IDLE;
+        let Some(stage) = self.pending.get(&channel).map(|p| p.stage) else {
+            return now;
+        };
+        match stage {
+            Stage::Writing => idle,
+            // Subscribing delivers the channel's newest entry: the check. Its
+            // SUBACK (an event) starts the wait for that entry.
+            Stage::InDoubt => match self.subs.get(&channel) {
+                Some(_) => idle,
+                None if matches!(self.conn, Conn::Up { .. }) => {
+                    if self.subscribe(channel) {
+                        idle
+                    } else {
+                        now + STORE_RETRY
+                    }
+                }
+                None => idle,
+            },
+            Stage::AwaitEcho { until } if now < until => until,
+            Stage::AwaitEcho { .. } => {
+                // No echo: check whether ThingSpeak has it (its newest entry)
+                // before sending it again.
+                tracing::debug!(%channel, "no echo in time; checking the channel's newest entry");
+                if self.subscribe(channel) {
+                    let until = now + self.confirm_timeout;
+                    if let Some(p) = self.pending.get_mut(&channel) {
+                        p.stage = Stage::Probe { until };
+                    }
+                    until
+                } else {
+                    now + STORE_RETRY
+                }
+            }
+            Stage::Probe { until } if now < until => until,
+            Stage::Probe { .. } => {
+                let Some(p) = self.pending.get_mut(&channel) else {
+                    return now;
+                };
+                p.probes += 1;
+                if p.probes >= MAX_PROBES {
+                    // Never seen although we are its only writer: the
+                    // timestamp is unusable. The readings stay queued and
+                    // form a window with a fresh created_at.
+                    let created_at = p.batch.created_at();
+                    tracing::warn!(
+                        %channel,
+                        checks = p.probes,
+                        "update never confirmed; its readings get a new created_at"
+                    );
+                    self.pending.remove(&channel);
+                    if let Some(t) = created_at {
+                        self.mark_used(channel, [t]);
+                    }
+                    return now;
+                }
+                tracing::info!(%channel, "update not stored by ThingSpeak; resending it");
+                p.stage = Stage::Ready;
+                self.try_publish(channel, now)
+            }
+            Stage::Ready => self.try_publish(channel, now),
+        }
+    }
+
+    /// Asks for the channel's feed (again). False if the connection cannot take it now.
+    pub(super) fn subscribe(&mut self, channel: ChannelId) -> bool {
+        let Conn::Up { client, .. } = &self.conn else {
+            return false;
+        };
+        let topic = match self.config.auth {
+            Auth::Device => Topic::Subscribe { channel },
+            // Private channels need the read key; public ones none.
+            Auth::Legacy => Topic::SubscribeJson {
+                channel,
+                key: self.config.read_key(channel),
+            },
+        }
+        .to_string();
+        match client.try_subscribe(topic, QoS::AtMostOnce) {
+            Ok(()) => {
+                self.sub_order.push_back(channel);
+                self.subs.insert(channel, Sub::Requested);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(%channel, error = %e, "could not subscribe now");
+                false
+            }
+        }
+    }
+}
