@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use rumqttc::{
@@ -19,45 +20,46 @@ use crate::common::*;
 /// What a burst may take at most (debug build, 2 cores, other tests running).
 const BURST_WAIT: Duration = Duration::from_secs(600);
 
-/// Runs `mosquitto_pub -l` from `clients` processes at once, each sending
-/// `per_client` lines `field1=<n>` to `topic` at QoS 0, and waits until every
-/// one has sent all its lines and exited.
-fn mosquitto_burst(broker: SocketAddr, topic: &str, clients: usize, per_client: usize) {
-    let mut children = Vec::new();
-    for c in 0..clients {
-        let mut child = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-            .args(["-t", topic, "-q", "0", "-l", "-i", &format!("burst-{c}")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_pub runs (apt-get install mosquitto-clients)");
-        let mut stdin = child.stdin.take().unwrap();
-        let feeder = std::thread::spawn(move || {
-            let mut out = std::io::BufWriter::new(&mut stdin);
-            for n in 0..per_client {
-                writeln!(out, "field1={n}").expect("mosquitto_pub reads its stdin");
-            }
-        });
-        children.push((child, feeder));
-    }
-    let deadline = Instant::now() + BURST_WAIT;
-    for (mut child, feeder) in children {
-        feeder.join().expect("feeder thread");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
-                assert!(status.success(), "mosquitto_pub failed: {status}: {err}");
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("mosquitto_pub did not finish within {BURST_WAIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+/// Sends `per_client` QoS 0 publishes `field1=<n>` to `topic` from `clients`
+/// connections at once, as fast as the sockets take them, then DISCONNECT,
+/// and waits until the gateway closed each connection: every publish counted
+/// here was written into the socket before the DISCONNECT. (A raw writer
+/// rather than `mosquitto_pub -l`, whose count of what it really sent is not
+/// exact under backpressure.)
+fn burst(broker: SocketAddr, topic: &str, clients: usize, per_client: usize) {
+    use rumqttc::mqttbytes::v4::{Connect, Publish};
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let topic = topic.to_owned();
+            std::thread::spawn(move || {
+                let mut socket = std::net::TcpStream::connect(broker).expect("broker reachable");
+                socket.set_read_timeout(Some(BURST_WAIT)).unwrap();
+                let mut buf = bytes::BytesMut::new();
+                Connect::new(format!("burst-{c}")).write(&mut buf).unwrap();
+                socket.write_all(&buf).unwrap();
+                let mut connack = [0u8; 4];
+                std::io::Read::read_exact(&mut socket, &mut connack).expect("CONNACK");
+                assert_eq!(connack, [0x20, 2, 0, 0], "connection refused");
+                buf.clear();
+                for n in 0..per_client {
+                    Publish::new(&topic, QoS::AtMostOnce, format!("field1={n}"))
+                        .write(&mut buf)
+                        .unwrap();
+                    if buf.len() > 64 * 1024 {
+                        socket.write_all(&buf).expect("the gateway keeps reading");
+                        buf.clear();
+                    }
+                }
+                buf.extend_from_slice(&[0xe0, 0]); // DISCONNECT
+                socket.write_all(&buf).expect("the gateway keeps reading");
+                // The gateway closes once it has read everything.
+                let mut rest = Vec::new();
+                std::io::Read::read_to_end(&mut socket, &mut rest).expect("closed in time");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("burst client");
     }
 }
 
@@ -119,7 +121,7 @@ async fn a_million_qos0_messages_from_several_clients_are_all_accounted_for() {
     let (clients, per_client) = (4, 250_000);
     let broker = gateway.mqtt;
     tokio::task::spawn_blocking(move || {
-        mosquitto_burst(broker, "channels/1001/publish", clients, per_client)
+        burst(broker, "channels/1001/publish", clients, per_client)
     })
     .await
     .unwrap();
@@ -133,11 +135,11 @@ async fn a_slow_queue_writer_makes_devices_wait_not_lose() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &config_toml(&emu, dir.path(), 1.0, ""));
     // Every write to the queue takes 200 ms: far slower than the devices send.
-    let gateway = Gateway::start_with_env(&cfg, &[("TSGW_TEST_WRITER_DELAY_MS", "200")]);
+    let gateway = Gateway::start_with_env(&cfg, &[("TESTHOOK_TSGW_WRITER_DELAY_MS", "200")]);
     let (clients, per_client) = (2, 100_000);
     let broker = gateway.mqtt;
     tokio::task::spawn_blocking(move || {
-        mosquitto_burst(broker, "channels/1002/publish", clients, per_client)
+        burst(broker, "channels/1002/publish", clients, per_client)
     })
     .await
     .unwrap();

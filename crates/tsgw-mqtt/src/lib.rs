@@ -147,6 +147,7 @@ impl MqttSource {
             mapping: mapping_rx,
             ingest: Arc::new(Ingest::new(metrics.clone())),
             intake,
+            subscriptions: Default::default(),
         });
         let mut addrs = ListenAddrs::default();
         let mut fronts = Vec::new();

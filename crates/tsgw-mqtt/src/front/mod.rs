@@ -15,6 +15,7 @@
 //! backlog, so a silent device would hold its slot for good.
 
 mod session;
+mod subscriptions;
 mod websocket;
 
 use std::net::SocketAddr;
@@ -27,6 +28,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use tsgw_core::{IngestBatch, Metrics};
+
+pub use subscriptions::LocalSubscriptions;
 
 use crate::ingest::{Ingest, Mapping};
 
@@ -57,6 +60,9 @@ pub struct Context {
     pub ingest: Arc<Ingest>,
     /// To the queue writer. Bounded: when it is full, devices wait.
     pub intake: mpsc::Sender<IngestBatch>,
+    /// What local clients subscribed to: only publishes someone may want are
+    /// relayed to rumqttd.
+    pub subscriptions: LocalSubscriptions,
 }
 
 /// A bound public listener.
@@ -156,6 +162,8 @@ pub enum Dropped {
     /// Readings of an acknowledged-on-fsync publish could not be stored: the
     /// connection is closed without the ack, so the device sends them again.
     NotStored,
+    /// rumqttd closed its side (keep-alive expired, session taken over).
+    BrokerClosed,
     Io(String),
 }
 
@@ -178,6 +186,7 @@ impl Dropped {
             Dropped::ConnectTimeout(_) => Some("connect_timeout"),
             Dropped::Protocol { kind, .. } => Some(kind),
             Dropped::NotStored => Some("not_stored"),
+            Dropped::BrokerClosed => Some("broker_closed"),
             Dropped::Refused { .. } | Dropped::Io(_) => None,
         }
     }
@@ -189,6 +198,9 @@ impl Dropped {
             Dropped::Refused { reason, .. } => format!("refused: {reason}"),
             Dropped::NotStored => {
                 "its readings could not be stored; closed without ack so that it resends".into()
+            }
+            Dropped::BrokerClosed => {
+                "the embedded broker ended the session (keep-alive expired or the client id connected again)".into()
             }
         }
     }

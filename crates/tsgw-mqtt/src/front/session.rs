@@ -16,12 +16,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
-    Subscribe, SubscribeFilter, SubscribeReasonCode,
+    Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
 };
 use rumqttc::mqttbytes::{self, FixedHeader, PacketType, Protocol, QoS};
 use thingspeak::topic::Topic;
@@ -32,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::{durable_pair, Durable, IngestBatch, Reading};
 
+use super::subscriptions::{self, LocalSubscriptions};
 use super::{Context, Dropped};
 use crate::auth::{Identity, Refusal, ANONYMOUS};
 use crate::dropin;
@@ -139,6 +141,12 @@ where
     };
     // rumqttd runs without auth: the credentials stop here.
     connect.login = None;
+    // The front enforces the device's keep-alive itself: rumqttd sees only
+    // what the front relays (not the publishes nobody subscribed to), so its
+    // own timer would close a device that is busy publishing.
+    let idle_limit = (connect.keep_alive > 0)
+        .then(|| Duration::from_secs(connect.keep_alive.into()).mul_f32(1.5));
+    connect.keep_alive = u16::MAX;
 
     let broker = tokio::time::timeout_at(deadline, TcpStream::connect(ctx.backend))
         .await
@@ -183,14 +191,22 @@ where
     if !accepted {
         return Ok(());
     }
+    let session = Session::connected(
+        &ctx.subscriptions,
+        &connect.client_id,
+        connect.clean_session,
+    );
 
     let patches = SubackPatches::default();
     let (to_device, from_inbound) = mpsc::channel(PENDING_ACK_BATCHES);
     let inbound = Inbound {
         ctx: &ctx,
         identity,
+        owner: &session.owner,
         patches: &patches,
         exactly_once: HashMap::new(),
+        wanted: Arc::default(),
+        idle_limit,
     }
     .run(device_read, device_buf, broker_write, to_device, shutdown);
     let outbound = outbound(
@@ -205,6 +221,41 @@ where
     tokio::select! {
         r = inbound => r,
         r = outbound => r,
+    }
+}
+
+/// A connected session's entry in the local subscription registry, removed
+/// (for a clean session) however the connection ends.
+struct Session<'a> {
+    registry: &'a LocalSubscriptions,
+    /// The client id, or a name of its own for an empty one (rumqttd gives
+    /// those a fresh session each time).
+    owner: String,
+    clean: bool,
+}
+
+impl<'a> Session<'a> {
+    fn connected(registry: &'a LocalSubscriptions, client_id: &str, clean: bool) -> Self {
+        static ANONYMOUS_SESSIONS: std::sync::atomic::AtomicU64 =
+            std::sync::atomic::AtomicU64::new(0);
+        let owner = if client_id.is_empty() {
+            let n = ANONYMOUS_SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("\u{0}{n}")
+        } else {
+            client_id.to_owned()
+        };
+        registry.connected(&owner, clean || client_id.is_empty());
+        Session {
+            registry,
+            owner,
+            clean: clean || client_id.is_empty(),
+        }
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.registry.disconnected(&self.owner, self.clean);
     }
 }
 
@@ -234,7 +285,13 @@ struct Chunk {
 struct Inbound<'a> {
     ctx: &'a Context,
     identity: Identity,
+    /// This session's name in the local subscription registry.
+    owner: &'a str,
     patches: &'a SubackPatches,
+    /// The filters local clients hold, as of this chunk.
+    wanted: Arc<Vec<TopicFilter>>,
+    /// 1.5 × the device's keep-alive: silence for longer ends the connection.
+    idle_limit: Option<Duration>,
     /// QoS 2 publishes answered with PUBREC and waiting for PUBREL, and whether
     /// rumqttd got them (a denied one is completed here).
     exactly_once: HashMap<u16, bool>,
@@ -255,6 +312,7 @@ impl Inbound<'_> {
     {
         loop {
             let mapping = self.ctx.mapping.borrow().clone();
+            self.wanted = self.ctx.subscriptions.snapshot();
             let mut chunk = Chunk::default();
             let mut disconnect = false;
             while let Some((header, frame)) = next_frame(&mut buf, self.ctx.max_packet_bytes)? {
@@ -265,6 +323,7 @@ impl Inbound<'_> {
                     PacketType::Publish => self.publish(&mapping, header, frame, &mut chunk)?,
                     PacketType::PubRel => self.pubrel(header, frame, &mut chunk)?,
                     PacketType::Subscribe => self.subscribe(header, frame, &mut chunk)?,
+                    PacketType::Unsubscribe => self.unsubscribe(header, frame, &mut chunk)?,
                     PacketType::Disconnect => {
                         chunk.relay.extend_from_slice(&frame);
                         disconnect = true;
@@ -287,8 +346,7 @@ impl Inbound<'_> {
                     PacketType::PubAck
                     | PacketType::PubRec
                     | PacketType::PubComp
-                    | PacketType::PingReq
-                    | PacketType::Unsubscribe => chunk.relay.extend_from_slice(&frame),
+                    | PacketType::PingReq => chunk.relay.extend_from_slice(&frame),
                 }
             }
             self.hand_over(chunk, &mut broker, &to_device).await?;
@@ -296,8 +354,20 @@ impl Inbound<'_> {
                 return Ok(());
             }
             buf.reserve(READ_CHUNK);
+            // Only the wait for the device counts against its keep-alive,
+            // not the time it waited for us (backpressure).
+            let idle = async {
+                match self.idle_limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = idle => return Err(Dropped::protocol(
+                    "keepalive",
+                    "nothing received within 1.5 times the keep-alive",
+                )),
                 read = device.read_buf(&mut buf) => read,
             };
             if read.map_err(Dropped::io)? == 0 {
@@ -343,7 +413,12 @@ impl Inbound<'_> {
                     chunk.readings.extend(readings);
                     chunk.wants_durable |= publish.qos != QoS::AtMostOnce;
                 }
+                // Retained publishes always go: rumqttd keeps them for
+                // subscribers yet to come.
+                let relayed_as = relay_topic.as_deref().unwrap_or(&publish.topic);
+                let relay = publish.retain || subscriptions::wanted(&self.wanted, relayed_as);
                 match relay_topic {
+                    _ if !relay => {}
                     None => chunk.relay.extend_from_slice(&raw),
                     Some(topic) => {
                         let relay = Publish {
@@ -353,7 +428,7 @@ impl Inbound<'_> {
                         encode_into(&mut chunk.relay, |b| relay.write(b));
                     }
                 }
-                true
+                relay
             }
             Verdict::Deny => false,
         };
@@ -383,7 +458,7 @@ impl Inbound<'_> {
         let rel = PubRel::read(header, raw.clone())
             .map_err(|e| Dropped::protocol("protocol", format!("malformed PUBREL: {e}")))?;
         match self.exactly_once.remove(&rel.pkid) {
-            // rumqttd never saw a denied publish: complete it here.
+            // rumqttd never saw a denied or unrelayed publish: complete it here.
             Some(false) => encode_into(&mut chunk.answers, |b| PubComp::new(rel.pkid).write(b)),
             Some(true) | None => chunk.relay.extend_from_slice(&raw),
         }
@@ -425,11 +500,30 @@ impl Inbound<'_> {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(subscribe.pkid, positions);
         }
+        self.ctx
+            .subscriptions
+            .subscribed(self.owner, granted.iter().map(|f| f.path.as_str()));
         let forwarded = Subscribe {
             pkid: subscribe.pkid,
             filters: granted,
         };
         encode_into(&mut chunk.relay, |b| forwarded.write(b));
+        Ok(())
+    }
+
+    fn unsubscribe(
+        &mut self,
+        header: FixedHeader,
+        frame: BytesMut,
+        chunk: &mut Chunk,
+    ) -> Result<(), Dropped> {
+        let raw = frame.freeze();
+        let unsubscribe = Unsubscribe::read(header, raw.clone())
+            .map_err(|e| Dropped::protocol("protocol", format!("malformed UNSUBSCRIBE: {e}")))?;
+        self.ctx
+            .subscriptions
+            .unsubscribed(self.owner, unsubscribe.topics.iter().map(String::as_str));
+        chunk.relay.extend_from_slice(&raw);
         Ok(())
     }
 
@@ -542,7 +636,10 @@ where
             },
             read = broker.read_buf(&mut buf) => {
                 if read.map_err(Dropped::io)? == 0 {
-                    return Ok(());
+                    // rumqttd ended the session (keep-alive expired, the same
+                    // client id connected again): what the device sent after
+                    // its last read is not taken.
+                    return Err(Dropped::BrokerClosed);
                 }
                 let mut out = BytesMut::new();
                 while let Some((header, frame)) = next_frame(&mut buf, usize::MAX)? {

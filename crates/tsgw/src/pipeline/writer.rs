@@ -39,8 +39,9 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// A test hook, never set in production: delays every push by this many
 /// milliseconds, to show that a slow disk makes devices wait instead of
-/// losing readings (tests/e2e/flow_control.rs).
-const TEST_DELAY_ENV: &str = "TSGW_TEST_WRITER_DELAY_MS";
+/// losing readings (tests/e2e/local_broker.rs). Not `TSGW_...`: those are
+/// config keys.
+const TEST_DELAY_ENV: &str = "TESTHOOK_TSGW_WRITER_DELAY_MS";
 
 /// The receiving ends of the sources' channels.
 pub struct Inputs {
