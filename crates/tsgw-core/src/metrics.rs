@@ -67,6 +67,14 @@ pub struct Metrics {
     pub updates_retried_total: IntCounterVec,
     /// Channel updates given up on. Labels: channel, reason.
     pub updates_dropped_total: IntCounterVec,
+    /// Updates in doubt (maybe stored by an earlier write, e.g. before a
+    /// crash) and how each was settled. Labels: channel, resolution (`echo`,
+    /// `read_api`, `duplicate`, `not_stored`, `stored_differs`).
+    pub updates_in_doubt_total: IntCounterVec,
+    /// Times a channel was parked (not sent for a while). Labels: channel, reason.
+    pub channel_parked_total: IntCounterVec,
+    /// 1 while a channel is parked. Labels: channel.
+    pub channel_parked: IntGaugeVec,
     /// 1 while a connection upstream is established. Labels: connection.
     pub upstream_connected: IntGaugeVec,
     /// Successful connects upstream. Labels: connection.
@@ -232,6 +240,21 @@ impl Metrics {
                 "tsgw_updates_dropped_total",
                 "Channel updates given up on, by reason.",
                 &["channel", "reason"],
+            ),
+            updates_in_doubt_total: counter_vec(
+                "tsgw_updates_in_doubt_total",
+                "Updates in doubt (maybe stored by an earlier write), by how each was settled.",
+                &["channel", "resolution"],
+            ),
+            channel_parked_total: counter_vec(
+                "tsgw_channel_parked_total",
+                "Times a channel was parked (not sent for a while), by reason.",
+                &["channel", "reason"],
+            ),
+            channel_parked: gauge_vec(
+                "tsgw_channel_parked",
+                "1 while the channel is parked.",
+                &["channel"],
             ),
             upstream_connected: gauge_vec(
                 "tsgw_upstream_connected",

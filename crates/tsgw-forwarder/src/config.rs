@@ -126,8 +126,9 @@ pub struct ChannelOverride {
     /// The channel's Write API key: needed for bulk backfill over REST and
     /// for legacy auth.
     pub write_key: Option<Secret>,
-    /// The channel's Read API key: legacy auth subscribes with it to confirm
-    /// (not needed for a public channel).
+    /// The channel's Read API key: the REST read API answers with it whether
+    /// an update in doubt was stored (a public channel needs none), and legacy
+    /// auth subscribes with it to confirm. A secret: masked, never logged.
     pub read_key: Option<Secret>,
 }
 
@@ -167,6 +168,10 @@ pub struct UpstreamConfig {
     pub confirm: bool,
     /// Seconds to wait for that echo before checking and resending.
     pub confirm_timeout_secs: f64,
+    /// Ask ThingSpeak's REST read API (`feeds.json` at `rest_host`, with the
+    /// channel's `read_key`, none for a public channel) whether an update in
+    /// doubt after a restart was stored. Off: the MQTT evidence alone.
+    pub read_api: bool,
     /// Publish an update that sets a single field to the field-feed topic
     /// (`channels/<id>/publish/fields/field<n>`, bare value). Such a publish
     /// carries no created_at, so it needs `confirm = false`.
@@ -210,6 +215,7 @@ impl Default for UpstreamConfig {
             aggregate: BTreeMap::new(),
             confirm: true,
             confirm_timeout_secs: 10.0,
+            read_api: true,
             field_topics: false,
             idle_timeout_secs: 3600.0,
             backfill: Backfill::Bulk,
@@ -421,6 +427,14 @@ impl UpstreamConfig {
                     bad(
                         &format!("{key}.write_key"),
                         format!("not a write API key: {e}"),
+                    )
+                })?;
+            }
+            if let Some(k) = &o.read_key {
+                thingspeak::ReadKey::new(k.expose()).map_err(|e| {
+                    bad(
+                        &format!("{key}.read_key"),
+                        format!("not a read API key: {e}"),
                     )
                 })?;
             }

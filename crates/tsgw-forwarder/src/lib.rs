@@ -24,6 +24,7 @@
 //! aggregate = { field1 = "mean" }  # last (default) | first | mean | min | max | sum | count
 //! confirm = true                 # delivered = echoed back on channels/<id>/subscribe
 //! confirm_timeout_secs = 10
+//! read_api = true                # feeds.json answers whether an update in doubt was stored
 //! idle_timeout_secs = 3600       # broker's idle limit; renewed at 5/6 of it
 //! backfill = "bulk"              # bulk | mqtt | newest
 //! downsample_after = 60          # mqtt: merge windows when more wait
@@ -41,7 +42,7 @@
 //! update_interval_secs = 1
 //! aggregate = { field2 = "max" }
 //! write_key = "..."              # for bulk backfill and legacy auth
-//! read_key = "..."               # legacy auth: confirmation subscription
+//! read_key = "..."               # feeds.json for updates in doubt; legacy auth: confirmation subscription
 //! ```
 //!
 //! Modules: `config` (settings), `connection` (rumqttc options, TLS trust),
@@ -166,13 +167,15 @@ pub async fn run(
     result
 }
 
-/// The REST client for bulk backfill, when the policy and the keys call for it.
+/// The REST client for bulk backfill and feed reads, when the policy, the
+/// keys or `read_api` call for it.
 fn bulk_client(
     config: &UpstreamConfig,
     mqtt_tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Option<rest::BulkClient>, ForwarderError> {
     let any_key = config.channels.values().any(|c| c.write_key.is_some());
-    if config.backfill != Backfill::Bulk || !any_key {
+    let bulk = config.backfill == Backfill::Bulk && any_key;
+    if !bulk && !config.read_api {
         return Ok(None);
     }
     let tls = if config.rest_tls {
@@ -183,7 +186,7 @@ fn bulk_client(
     } else {
         tracing::warn!(
             rest_host = %config.rest_host,
-            "REST backfill over plain HTTP as configured: write API keys travel in clear text"
+            "REST calls over plain HTTP as configured: API keys travel in clear text"
         );
         None
     };

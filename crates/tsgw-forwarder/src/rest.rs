@@ -1,17 +1,21 @@
-//! ThingSpeak's REST bulk-write call, `POST /channels/<id>/bulk_update.json`,
-//! over HTTPS (tokio-rustls with the forwarder's trust store) with hyper's
-//! HTTP/1.1 client. One connection per call: calls are 15 s apart at best.
+//! ThingSpeak's REST calls: the bulk write, `POST /channels/<id>/bulk_update.json`,
+//! and the feed read, `GET /channels/<id>/feeds.json`, over HTTPS
+//! (tokio-rustls with the forwarder's trust store) with hyper's HTTP/1.1
+//! client. One connection per call: bulk calls are 15 s apart at best, and a
+//! read is made only for an update in doubt.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use thingspeak::{BulkEntry, BulkUpdateRequest, ChannelId, WriteKey};
+use thingspeak::read::{feeds_path, parse_answer, ReadAnswer};
+use thingspeak::{BulkEntry, BulkUpdateRequest, ChannelId, FeedEntry, Feeds, ReadKey, WriteKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -31,6 +35,17 @@ pub enum BulkResult {
     /// Another HTTP status: the call will not succeed as is (bad key, too big...).
     Refused { status: u16, body: String },
     /// No answer (network, TLS, timeout): may be retried.
+    Failed(String),
+}
+
+/// How a feed read ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadResult {
+    /// The entries created in the asked range, oldest first.
+    Entries(Vec<FeedEntry>),
+    /// `-1`: the channel is private and the key is missing or wrong.
+    NoAccess,
+    /// No usable answer (network, TLS, timeout, another status, bad JSON).
     Failed(String),
 }
 
@@ -66,44 +81,84 @@ impl BulkClient {
             Ok(b) => b,
             Err(e) => return BulkResult::Failed(format!("encoding the request: {e}")),
         };
-        match tokio::time::timeout(CALL_TIMEOUT, self.call(channel, body)).await {
-            Ok(result) => result,
+        let call = self.call(
+            "POST",
+            format!("/channels/{channel}/bulk_update.json"),
+            Some(body),
+        );
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok((status, text))) => classify(status, text),
+            Ok(Err(message)) => BulkResult::Failed(message),
             Err(_) => BulkResult::Failed(format!("no answer within {CALL_TIMEOUT:?}")),
         }
     }
 
-    async fn call(&self, channel: ChannelId, body: Vec<u8>) -> BulkResult {
-        let tcp = match TcpStream::connect((self.host.as_str(), self.port)).await {
-            Ok(s) => s,
-            Err(e) => {
-                return BulkResult::Failed(format!("connect {}:{}: {e}", self.host, self.port))
-            }
+    /// Reads the entries of `channel` created in `[start, end]`, with the read
+    /// key when given (none for a public channel). Never logs the key.
+    pub async fn read_feeds(
+        &self,
+        channel: ChannelId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        key: Option<&ReadKey>,
+        timeout: Duration,
+    ) -> ReadResult {
+        let path = feeds_path(channel, &start, &end, key.map(|k| k.expose()));
+        let (status, text) = match tokio::time::timeout(timeout, self.call("GET", path, None)).await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(message)) => return ReadResult::Failed(message),
+            Err(_) => return ReadResult::Failed(format!("no answer within {timeout:?}")),
         };
-        let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            Some(tls) => {
-                let name = match ServerName::try_from(self.host.clone()) {
-                    Ok(n) => n,
-                    Err(e) => return BulkResult::Failed(format!("host {:?}: {e}", self.host)),
-                };
-                match tls.connect(name, tcp).await {
-                    Ok(stream) => self.exchange(stream, channel, body).await,
-                    Err(e) => BulkResult::Failed(format!("TLS with {}: {e}", self.host)),
-                }
-            }
-            None => self.exchange(tcp, channel, body).await,
+        match parse_answer::<Feeds>(text.as_bytes()) {
+            Ok(ReadAnswer::NoAccess) => ReadResult::NoAccess,
+            Ok(ReadAnswer::Found(feeds)) if status.is_success() => ReadResult::Entries(feeds.feeds),
+            Ok(ReadAnswer::Found(_)) => ReadResult::Failed(format!("HTTP {status}")),
+            Err(e) => ReadResult::Failed(format!(
+                "HTTP {status}, answer not a feed: {e}: {}",
+                text.chars().take(200).collect::<String>()
+            )),
         }
     }
 
-    async fn exchange<S>(&self, stream: S, channel: ChannelId, body: Vec<u8>) -> BulkResult
+    /// One request on a fresh connection: the status and the answer's text.
+    async fn call(
+        &self,
+        method: &str,
+        path: String,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, String), String> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            Some(tls) => {
+                let name = ServerName::try_from(self.host.clone())
+                    .map_err(|e| format!("host {:?}: {e}", self.host))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", self.host))?;
+                self.exchange(stream, method, path, body).await
+            }
+            None => self.exchange(tcp, method, path, body).await,
+        }
+    }
+
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        method: &str,
+        path: String,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, String), String>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(x) => x,
-                Err(e) => return BulkResult::Failed(format!("HTTP handshake: {e}")),
-            };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -114,15 +169,17 @@ impl BulkClient {
         } else {
             format!("{}:{}", self.host, self.port)
         };
-        let request = Request::post(format!("/channels/{channel}/bulk_update.json"))
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, host_header)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, "tsgw")
-            .body(Full::new(Bytes::from(body)));
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => return BulkResult::Failed(format!("building the request: {e}")),
-        };
+            .header(hyper::header::USER_AGENT, "tsgw");
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| format!("building the request: {e}"))?;
         let result = match sender.send_request(request).await {
             Ok(response) => {
                 let status = response.status();
@@ -133,9 +190,9 @@ impl BulkClient {
                     Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
                     Err(e) => format!("(answer unreadable: {e})"),
                 };
-                classify(status, text)
+                Ok((status, text))
             }
-            Err(e) => BulkResult::Failed(format!("HTTP request: {e}")),
+            Err(e) => Err(format!("HTTP request: {e}")),
         };
         conn.abort();
         result

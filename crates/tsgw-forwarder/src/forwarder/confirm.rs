@@ -2,14 +2,17 @@
 //! channel, ThingSpeak's echo of it, the check by subscribing again, and what
 //! an entry at the update's `created_at` means.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
-use thingspeak::{ChannelId, EntryJson, Topic};
+use thingspeak::{ChannelId, EntryJson, Target, Topic};
 use tokio::time::Instant;
 
 use crate::batch::Batch;
 use crate::config::Auth;
 
+use super::doubt::{same_entry, Doubt};
 use super::{unix_seconds, Conn, Forwarder, IDLE, STORE_RETRY};
 
 /// Checks (subscribe again, wait for the channel's newest entry) that may find
@@ -44,13 +47,40 @@ pub(super) struct Pending {
     pub(super) writes: u32,
     /// Checks that found no trace of it.
     pub(super) probes: u32,
+    /// An earlier write (of this run or the previous one) may have stored
+    /// it: an unechoed resend makes it a doubt, and it never gets a fresh
+    /// `created_at`.
+    pub(super) maybe_stored: bool,
+    /// Connection generation and write number of its last write.
+    pub(super) written: Option<(u64, u64)>,
+    /// A doubt sent again: kept until settled, never re-decided.
+    pub(super) doubt: bool,
+}
+
+impl Pending {
+    pub(super) fn new(batch: Batch, maybe_stored: bool) -> Self {
+        Self {
+            batch,
+            stage: Stage::Ready,
+            writes: 0,
+            probes: 0,
+            maybe_stored,
+            written: None,
+            doubt: false,
+        }
+    }
 }
 
 /// The connection's subscription of a channel's feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sub {
     Requested,
-    Granted,
+    /// `heard`: the subscription delivered an entry (the channel's newest
+    /// comes right after the grant, if the channel has one).
+    Granted {
+        at: Instant,
+        heard: bool,
+    },
 }
 
 /// Whether ThingSpeak's echo of a value is the value sent: the same text, or
@@ -77,6 +107,18 @@ impl Forwarder {
         let Some(p) = self.pending.remove(&channel) else {
             return;
         };
+        self.deliver_batch(channel, &p.batch, confirmed);
+        if confirmed {
+            self.poison_cleared(channel);
+            if let Some(written) = p.written {
+                self.settle_doubts_before(channel, written);
+            }
+        }
+    }
+
+    /// The readings of `batch` leave the store and its `created_at` is
+    /// remembered as taken.
+    pub(super) fn deliver_batch(&mut self, channel: ChannelId, batch: &Batch, confirmed: bool) {
         self.next_check.remove(&channel);
         let label = channel.to_string();
         self.metrics
@@ -95,9 +137,9 @@ impl Forwarder {
                 .with_label_values(&[&label])
                 .inc();
         }
-        match self.store.remove(&p.batch.covered) {
+        match self.store.remove(&batch.covered) {
             Ok(()) => {
-                if let Some(t) = p.batch.created_at() {
+                if let Some(t) = batch.created_at() {
                     self.mark_used(channel, [t]);
                 }
             }
@@ -126,7 +168,13 @@ impl Forwarder {
         self.next_check.remove(&channel);
         let now = Instant::now();
         if granted {
-            self.subs.insert(channel, Sub::Granted);
+            self.subs.insert(
+                channel,
+                Sub::Granted {
+                    at: now,
+                    heard: false,
+                },
+            );
             if let Some(p) = self.pending.get_mut(&channel) {
                 if p.stage == Stage::InDoubt {
                     // The newest entry comes right after the SUBACK.
@@ -170,31 +218,39 @@ impl Forwarder {
                 return;
             }
         };
+        if let Some(Sub::Granted { heard, .. }) = self.subs.get_mut(&channel) {
+            *heard = true;
+        }
+        let values: BTreeMap<Target, String> = thingspeak::payload::all_targets()
+            .filter_map(|t| entry.get(t).map(|v| (t, v.to_owned())))
+            .collect();
+        self.saw_entry(channel, entry.created_at, values.clone());
+        self.echo_settles_doubt(channel, entry.created_at, &values);
         let Some(p) = self.pending.get_mut(&channel) else {
             return;
         };
         if p.batch.created_at() != Some(entry.created_at) {
             return;
         }
-        let same_values =
-            p.batch.update.values.iter().all(|(target, value)| {
-                entry.get(*target).is_some_and(|got| same_value(got, value))
-            });
-        if same_values {
+        if same_entry(&p.batch, |t| values.get(&t).cloned()) {
             tracing::debug!(%channel, entry_id = entry.entry_id, "update confirmed");
+            if p.maybe_stored {
+                self.count_doubt(channel, "echo");
+            }
             self.deliver(channel, true);
         } else {
-            // The timestamp belongs to another entry: ours can never be stored
-            // under it. The readings stay and join the next free window.
-            tracing::warn!(
-                %channel,
-                created_at = %thingspeak::format_timestamp(&entry.created_at),
-                "the channel already has a different entry at this created_at; \
-                 the readings move to the next window"
-            );
-            self.pending.remove(&channel);
-            self.mark_used(channel, [entry.created_at]);
+            // The timestamp belongs to another entry, or (for a window of
+            // the previous run) to ours with other readings.
+            let Some(p) = self.pending.remove(&channel) else {
+                return;
+            };
             self.next_check.remove(&channel);
+            let theirs = values
+                .iter()
+                .map(|(t, v)| format!("{t}={v}"))
+                .collect::<Vec<_>>()
+                .join("&");
+            self.stored_differs(channel, &p.batch, &theirs);
         }
     }
 
@@ -220,6 +276,31 @@ impl Forwarder {
                 None => idle,
             },
             Stage::AwaitEcho { until } if now < until => until,
+            Stage::AwaitEcho { .. }
+                if self.pending.get(&channel).is_some_and(|p| p.maybe_stored) =>
+            {
+                // A resend of something that may be stored: ThingSpeak
+                // rejects it silently if so. It waits aside, and the channel
+                // goes on: the echo of its next update settles it.
+                let Some(p) = self.pending.remove(&channel) else {
+                    return now;
+                };
+                tracing::info!(
+                    %channel,
+                    created_at = ?p.batch.created_at().map(|t| thingspeak::format_timestamp(&t)),
+                    "update in doubt got no echo (ThingSpeak may have it already); the channel \
+                     goes on, and the echo of its next update settles it"
+                );
+                self.evidence
+                    .entry(channel)
+                    .or_default()
+                    .doubts
+                    .push(Doubt {
+                        batch: p.batch,
+                        written: p.written,
+                    });
+                now
+            }
             Stage::AwaitEcho { .. } => {
                 // No echo: check whether ThingSpeak has it (its newest entry)
                 // before sending it again.
@@ -240,7 +321,7 @@ impl Forwarder {
                     return now;
                 };
                 p.probes += 1;
-                if p.probes >= MAX_PROBES {
+                if p.probes >= MAX_PROBES && !p.maybe_stored {
                     // Never seen although we are its only writer: the
                     // timestamp is unusable. The readings stay queued and
                     // form a window with a fresh created_at.

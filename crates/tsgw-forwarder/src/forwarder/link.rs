@@ -94,6 +94,7 @@ impl Forwarder {
 
     pub(super) fn on_closed(&mut self, closed: Closed) {
         let now = Instant::now();
+        let closing = self.current_generation();
         let conn = std::mem::replace(&mut self.conn, Conn::Down { retry_at: now });
         let (was_up_since, idle_close) = match conn {
             // The broker closing a connection we left idle past the renewal
@@ -122,6 +123,9 @@ impl Forwarder {
             if now.duration_since(since) >= STABLE_AFTER {
                 self.backoff.reset();
             }
+        }
+        if let Some(generation) = closing {
+            self.poison_note_close(&closed, generation, now);
         }
         self.connection_lost(now);
         let jitter: f64 = rand::thread_rng().gen();
@@ -184,6 +188,7 @@ impl Forwarder {
     /// Bookkeeping when a connection ends for whatever reason: subscriptions
     /// are gone, and updates written on it are in doubt until checked.
     pub(super) fn connection_lost(&mut self, now: Instant) {
+        self.doubts_lose_connection();
         self.subs.clear();
         self.sub_order.clear();
         self.sub_pkids.clear();
@@ -281,7 +286,7 @@ impl Forwarder {
                             // queued (no echo can come now) and the next run
                             // finds the entry when it checks.
                             if let Some(f) = self.in_flight.take() {
-                                self.written(f.channel, Instant::now());
+                                self.written(f.channel, f.generation, Instant::now());
                             }
                         }
                         Ok(Some(ConnEvent {

@@ -47,14 +47,18 @@ use crate::schedule::Schedule;
 
 mod backfill;
 mod confirm;
+mod doubt;
 mod link;
+mod poison;
 mod send;
 #[cfg(test)]
 mod tests;
 
 use backfill::{BulkDone, BulkState, BULK_FAILURE_LOG_EVERY};
 use confirm::{Pending, Sub};
+use doubt::{Evidence, ReadDone};
 use link::WRITE_TIMEOUT;
+use poison::{LastWrite, Strikes};
 
 /// Wait before retrying after the store failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -120,6 +124,18 @@ pub(crate) struct Forwarder {
     /// Earliest time a channel needs looking at again (skips the queue scan on pushes).
     next_check: HashMap<ChannelId, Instant>,
     next_generation: u64,
+    /// Publishes written so far (orders writes on one connection).
+    write_seq: u64,
+    /// Per channel: entries seen, the read API's answers, updates in doubt.
+    evidence: HashMap<ChannelId, Evidence>,
+    /// When this run started: windows older than this may have been written
+    /// by the previous run.
+    started_utc: DateTime<Utc>,
+    reads_tx: mpsc::Sender<ReadDone>,
+    reads_rx: mpsc::Receiver<ReadDone>,
+    /// Closes right after each channel's publish, and parks.
+    strikes: HashMap<ChannelId, Strikes>,
+    last_write: Option<LastWrite>,
     /// Backlog gauges and the periodic backfill progress line.
     progress: Progress,
     refusal_reported: bool,
@@ -148,6 +164,7 @@ impl Forwarder {
         );
         let (events_tx, events_rx) = mpsc::channel(64);
         let (bulk_tx, bulk_rx) = mpsc::channel(16);
+        let (reads_tx, reads_rx) = mpsc::channel(16);
         let renew_idle_after = config.renew_idle_after();
         let confirm_timeout = Duration::from_secs_f64(config.confirm_timeout_secs);
         Self {
@@ -175,6 +192,13 @@ impl Forwarder {
             legacy_key_reported: HashSet::new(),
             next_check: HashMap::new(),
             next_generation: 0,
+            write_seq: 0,
+            evidence: HashMap::new(),
+            started_utc: Utc::now(),
+            reads_tx,
+            reads_rx,
+            strikes: HashMap::new(),
+            last_write: None,
             progress: Progress::default(),
             refusal_reported: false,
             store_failing: false,
@@ -229,6 +253,7 @@ impl Forwarder {
                 _ = shutdown.cancelled() => break,
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 Some(done) = self.bulk_rx.recv() => self.on_bulk_done(done),
+                Some(done) = self.reads_rx.recv() => self.on_read_done(done),
                 _ = pushed.notified() => {}
                 _ = sleep_until(wake) => {}
             }

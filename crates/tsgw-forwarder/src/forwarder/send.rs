@@ -3,7 +3,6 @@
 //! update may be handed to the connection (subscription, rate-limit slot,
 //! idle renewal).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +15,7 @@ use crate::batch::{aggregate, group, Batch, Group, Policies, Rejected};
 use crate::config::{Auth, Backfill};
 
 use super::confirm::{Pending, Stage, Sub};
+use super::doubt::Verdict;
 use super::{unix_seconds, Conn, Forwarder, InFlight, IDLE, STORE_RETRY};
 
 /// Most readings looked at per channel and pass. More wait for later passes.
@@ -56,12 +56,15 @@ impl Forwarder {
         if let Conn::Up { last_publish, .. } = &mut self.conn {
             *last_publish = now;
         }
-        self.written(in_flight.channel, now);
+        self.written(in_flight.channel, generation, now);
     }
 
     /// The update of `channel` was written to the connection.
-    pub(super) fn written(&mut self, channel: ChannelId, now: Instant) {
+    pub(super) fn written(&mut self, channel: ChannelId, generation: u64, now: Instant) {
         self.next_check.remove(&channel);
+        self.write_seq += 1;
+        let seq = self.write_seq;
+        self.poison_note_write(channel, generation, now);
         self.schedule.record(channel, now);
         let label = channel.to_string();
         self.metrics
@@ -89,6 +92,7 @@ impl Forwarder {
                 .inc();
         }
         p.writes += 1;
+        p.written = Some((generation, seq));
         tracing::debug!(
             %channel,
             readings = p.batch.covered.len(),
@@ -112,8 +116,11 @@ impl Forwarder {
         now: Instant,
     ) -> Result<Instant, tsgw_core::StoreError> {
         let idle = now + IDLE;
+        if let Some(until) = self.parked_until(channel, now) {
+            return Ok(until);
+        }
         if let Some(p) = self.pending.get(&channel) {
-            if p.stage == Stage::Ready && p.writes == 0 {
+            if p.stage == Stage::Ready && p.writes == 0 && !p.doubt {
                 // Never sent: decide afresh (newer windows may have closed,
                 // a bulk call may have become due).
                 self.pending.remove(&channel);
@@ -121,24 +128,46 @@ impl Forwarder {
                 return Ok(self.advance_pending(channel, now));
             }
         }
+        if let Some(batch) = self.take_unsent_doubt(channel) {
+            // Its evidence was cut short by a lost connection: resent, with
+            // the same created_at, before anything newer.
+            let mut p = Pending::new(batch, true);
+            p.doubt = true;
+            self.pending.insert(channel, p);
+            return Ok(self.advance_pending(channel, now));
+        }
         if self.bulk_state.get(&channel).is_some_and(|b| b.busy) {
             // Its end is an event, which looks at the channel again.
             return Ok(idle);
         }
         let utc_now = Utc::now();
-        let queued = self.store.peek(channel, PEEK_LIMIT)?;
-        let empty = BTreeSet::new();
-        let used = self.used.get(&channel).unwrap_or(&empty);
+        let mut queued = self.store.peek(channel, PEEK_LIMIT)?;
+        let mut used = self.used.get(&channel).cloned().unwrap_or_default();
+        if let Some(evidence) = self.evidence.get(&channel) {
+            // Readings of doubts wait for their evidence; late readings of
+            // their windows go to the next one.
+            let (keys, times) = evidence.held();
+            queued.retain(|q| !keys.contains(&q.key));
+            used.extend(times);
+        }
         let (groups, rejected) = group(
             channel,
             &queued,
             self.schedule.interval(channel),
-            used,
+            &used,
             utc_now,
         );
         self.drop_rejected(channel, &rejected)?;
         self.show_next_window(channel, groups.first(), now, utc_now);
         let closed: Vec<&Group> = groups.iter().filter(|g| g.is_closed(utc_now)).collect();
+        // A window not yet sent is decided afresh when the next one closes
+        // (a newer window may go first, a bulk call may take it).
+        let next_close = groups
+            .iter()
+            .find(|g| !g.is_closed(utc_now))
+            .map_or(idle, |g| {
+                now + (g.closes_at - utc_now).to_std().unwrap_or(Duration::ZERO)
+            });
         let left = self.backlog(channel, &queued, &closed)?;
         self.progress.observe(channel, left, now, &self.metrics);
         if closed.is_empty() {
@@ -190,18 +219,20 @@ impl Forwarder {
             }
         };
         match batch {
-            Some(batch) if !batch.is_empty() => {
-                self.pending.insert(
-                    channel,
-                    Pending {
-                        batch,
-                        stage: Stage::Ready,
-                        writes: 0,
-                        probes: 0,
-                    },
-                );
-                Ok(self.advance_pending(channel, now))
-            }
+            Some(batch) if !batch.is_empty() => match self.check_window(channel, &batch, now) {
+                Verdict::Send { maybe_stored } => {
+                    self.pending
+                        .insert(channel, Pending::new(batch, maybe_stored));
+                    let at = self.advance_pending(channel, now);
+                    let unsent = self
+                        .pending
+                        .get(&channel)
+                        .is_some_and(|p| p.stage == Stage::Ready && p.writes == 0);
+                    Ok(if unsent { at.min(next_close) } else { at })
+                }
+                Verdict::Wait(until) => Ok(until.min(next_close)),
+                Verdict::Settled => Ok(now),
+            },
             _ => Ok(now + STORE_RETRY),
         }
     }
@@ -246,7 +277,16 @@ impl Forwarder {
         }
         if self.confirms(channel) {
             match self.subs.get(&channel) {
-                Some(Sub::Granted) => {}
+                // A window of the previous run waits (at most one confirm
+                // timeout) for the newest entry the subscription delivers:
+                // it may be that window, stored before the crash.
+                Some(Sub::Granted { at, heard: false })
+                    if self.pending.get(&channel).is_some_and(|p| p.maybe_stored)
+                        && now < *at + self.confirm_timeout =>
+                {
+                    return *at + self.confirm_timeout;
+                }
+                Some(Sub::Granted { .. }) => {}
                 // The SUBACK is an event that looks again.
                 Some(Sub::Requested) => return idle,
                 None => {

@@ -51,7 +51,18 @@ fn config(confirm: bool) -> UpstreamConfig {
     }
 }
 
+/// A forwarder whose run started a minute ago: the readings of these tests
+/// (measured 10 s ago) arrived during this run. Tests of windows left by a
+/// previous run use [`restarted`].
 fn forwarder(confirm: bool, store: Arc<MemStore>, metrics: Metrics) -> Forwarder {
+    let mut f = restarted(confirm, store, metrics);
+    f.started_utc = Utc::now() - chrono::TimeDelta::minutes(1);
+    f
+}
+
+/// A forwarder started just now: queued readings measured before are a
+/// previous run's, which may have written their windows.
+fn restarted(confirm: bool, store: Arc<MemStore>, metrics: Metrics) -> Forwarder {
     let config = config(confirm);
     let name = config.connection_name();
     Forwarder::new(config, name, None, None, store, metrics)
@@ -419,4 +430,286 @@ async fn a_refused_subscription_falls_back_to_written_counts() {
     f.send_due(later(2)).unwrap();
     f.on_event(event(0, ConnEventKind::Written));
     assert_eq!(store.len(), 0);
+}
+
+/// Queues a reading of `channel` measured `secs_ago` seconds ago.
+fn push_at(store: &MemStore, channel: ChannelId, seq: u64, secs_ago: i64, value: f64) {
+    let at = Utc::now() - chrono::TimeDelta::seconds(secs_ago);
+    push_measured(store, channel, seq, at, value);
+}
+
+fn push_measured(store: &MemStore, channel: ChannelId, seq: u64, at: DateTime<Utc>, value: f64) {
+    store.insert(
+        QueueKey { channel, seq },
+        Reading {
+            channel,
+            target: field1(),
+            value: Value::Number(value),
+            measured_at: at,
+            origin: Origin::new(SourceKind::Serial, "dev"),
+        },
+    );
+}
+
+/// ThingSpeak relays (or delivers on subscribing) an entry of channel 42.
+fn entry_at(f: &mut Forwarder, generation: u64, created_at: DateTime<Utc>, value: &str) {
+    let mut entry = EntryJson::new(ch(), 99, created_at);
+    entry.field1 = Some(value.into());
+    f.on_event(event(
+        generation,
+        ConnEventKind::Message {
+            topic: "channels/42/subscribe".into(),
+            payload: serde_json::to_vec(&entry).unwrap().into(),
+        },
+    ));
+}
+
+fn doubts(metrics: &Metrics, resolution: &str) -> u64 {
+    metrics
+        .updates_in_doubt_total
+        .with_label_values(&["42", resolution])
+        .get()
+}
+
+#[tokio::test]
+async fn a_previous_runs_window_found_as_the_newest_entry_is_not_sent_again() {
+    let store = Arc::new(MemStore::default());
+    push_closed(&store, 1, field1(), Value::Number(5.0));
+    let metrics = Metrics::new();
+    let mut f = restarted(true, store.clone(), metrics.clone());
+    f.confirm_timeout = Duration::from_secs(10);
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    grant(&mut f, 0);
+    // Granted, but the newest entry (delivered on subscribing) has not come
+    // yet: a window the previous run may have written waits for it.
+    f.send_due(later(2)).unwrap();
+    assert!(
+        f.in_flight.is_none(),
+        "waits for the subscription's newest entry"
+    );
+    let created_at = f.pending[&ch()].batch.created_at().unwrap();
+    assert!(f.pending[&ch()].maybe_stored);
+    entry_at(&mut f, 0, created_at, "5");
+    assert_eq!(store.len(), 0, "stored before the crash: delivered");
+    assert_eq!(doubts(&metrics, "echo"), 1);
+    assert_eq!(
+        metrics.updates_sent_total.with_label_values(&["42"]).get(),
+        0,
+        "not sent again"
+    );
+}
+
+#[tokio::test]
+async fn a_previous_runs_window_stored_with_other_values_is_counted_not_resent() {
+    let store = Arc::new(MemStore::default());
+    push_closed(&store, 1, field1(), Value::Number(5.0));
+    let metrics = Metrics::new();
+    let mut f = restarted(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    grant(&mut f, 0);
+    let created_at = f.pending[&ch()].batch.created_at().unwrap();
+    // The previous run stored this window with more readings than survived.
+    entry_at(&mut f, 0, created_at, "7");
+    assert_eq!(
+        store.len(),
+        0,
+        "removed: sending them again could store some twice"
+    );
+    assert!(f.pending.is_empty());
+    assert_eq!(doubts(&metrics, "stored_differs"), 1);
+    assert_eq!(
+        metrics
+            .updates_dropped_total
+            .with_label_values(&["42", "stored_differs"])
+            .get(),
+        1
+    );
+    f.send_due(later(4)).unwrap();
+    assert!(
+        f.in_flight.is_none() && f.pending.is_empty(),
+        "nothing resent"
+    );
+}
+
+#[tokio::test]
+async fn an_unechoed_resend_waits_aside_and_the_next_echo_settles_it_as_a_duplicate() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    push_at(&store, ch(), 2, 5, 6.0);
+    let metrics = Metrics::new();
+    let mut f = restarted(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    grant(&mut f, 0);
+    // The newest entry delivered on subscribing is older than both windows.
+    entry_at(&mut f, 0, Utc::now() - chrono::TimeDelta::seconds(100), "1");
+    f.send_due(later(2)).unwrap();
+    assert_eq!(
+        stage(&f),
+        Some(Stage::Writing),
+        "resent with its created_at"
+    );
+    let first = f.pending[&ch()].batch.created_at().unwrap();
+    f.on_event(event(0, ConnEventKind::Written));
+
+    // ThingSpeak already had it and rejected the resend: no echo. After one
+    // confirm timeout the channel goes on with its next window at once.
+    f.send_due(later(4)).unwrap();
+    f.send_due(later(4)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "next window not held back");
+    let second = f.pending[&ch()].batch.created_at().unwrap();
+    assert!(second > first);
+    assert_eq!(store.len(), 2, "the doubt's readings stay queued meanwhile");
+    f.on_event(event(0, ConnEventKind::Written));
+    echo(&mut f, 0, "6");
+    assert_eq!(store.len(), 0, "the later echo settles the doubt");
+    assert_eq!(doubts(&metrics, "duplicate"), 1);
+    assert_eq!(doubts(&metrics, "echo"), 1);
+    assert_eq!(
+        metrics
+            .updates_confirmed_total
+            .with_label_values(&["42"])
+            .get(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_doubt_cut_short_by_a_lost_connection_is_resent_first() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    push_at(&store, ch(), 2, 5, 6.0);
+    let mut f = restarted(true, store.clone(), Metrics::new());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    grant(&mut f, 0);
+    entry_at(&mut f, 0, Utc::now() - chrono::TimeDelta::seconds(100), "1");
+    f.send_due(later(2)).unwrap();
+    let first = f.pending[&ch()].batch.created_at().unwrap();
+    f.on_event(event(0, ConnEventKind::Written));
+    f.send_due(later(4)).unwrap();
+    assert!(f.pending.is_empty(), "aside as a doubt");
+    f.on_event(event(0, closed()));
+    let _loop1 = connect_as(&mut f, 1);
+    f.send_due(later(6)).unwrap();
+    assert_eq!(
+        f.pending[&ch()].batch.created_at(),
+        Some(first),
+        "the doubt goes again before newer windows"
+    );
+}
+
+#[tokio::test]
+async fn the_read_api_settles_a_previous_runs_windows_before_sending() {
+    let store = Arc::new(MemStore::default());
+    let measured = Utc::now() - chrono::TimeDelta::seconds(10);
+    push_measured(&store, ch(), 1, measured, 5.0);
+    push_at(&store, ch(), 2, 5, 6.0);
+    let metrics = Metrics::new();
+    let mut f = restarted(true, store.clone(), metrics.clone());
+    // A client whose calls fail; the test feeds the read's answer by hand.
+    f.bulk = Some(crate::rest::BulkClient::new("127.0.0.1".into(), 9, None));
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    assert!(f.pending.is_empty(), "waits for the read");
+    assert!(f.in_flight.is_none());
+    let (start, end) = match &f.evidence[&ch()].read {
+        super::doubt::ReadState::Asking { .. } => {
+            (Utc::now() - chrono::TimeDelta::seconds(11), f.started_utc)
+        }
+        other => panic!("asking expected, got {other:?}"),
+    };
+    // Windows of 1 s start at whole seconds.
+    let first = DateTime::from_timestamp(measured.timestamp(), 0).unwrap();
+    let mut stored = thingspeak::FeedEntry::new(1, first);
+    stored.field1 = Some("5".into());
+    f.on_read_done(super::doubt::ReadDone {
+        channel: ch(),
+        start,
+        end,
+        result: crate::rest::ReadResult::Entries(vec![stored]),
+    });
+    f.send_due(later(2)).unwrap();
+    f.send_due(later(2)).unwrap();
+    assert_eq!(store.len(), 1, "the stored window is delivered, unsent");
+    assert_eq!(doubts(&metrics, "read_api"), 1);
+    assert_eq!(doubts(&metrics, "not_stored"), 1);
+    let p = &f.pending[&ch()];
+    assert!(!p.maybe_stored, "known absent: an ordinary send");
+    assert!(p.batch.created_at().unwrap() > first);
+}
+
+#[tokio::test]
+async fn a_channel_whose_publish_closes_the_connection_is_parked_and_others_flow() {
+    let store = Arc::new(MemStore::default());
+    let bad = ch();
+    let good = ChannelId::new(43).unwrap();
+    push_at(&store, bad, 1, 10, 1.0);
+    push_at(&store, good, 2, 10, 2.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(false, store.clone(), metrics.clone());
+    let peer_close = || {
+        ConnEventKind::Closed(Closed {
+            reason: "closed_by_peer",
+            refused: None,
+            message: "connection closed by peer".into(),
+        })
+    };
+    for round in 0..3u64 {
+        let _loop = connect_as(&mut f, round);
+        f.send_due(later(2 + 2 * round)).unwrap();
+        assert_eq!(
+            f.in_flight.as_ref().map(|i| i.channel),
+            Some(bad),
+            "round {round}"
+        );
+        f.on_event(event(round, peer_close()));
+    }
+    assert_eq!(
+        metrics
+            .channel_parked_total
+            .with_label_values(&["42", "closed_after_publish"])
+            .get(),
+        1
+    );
+    assert_eq!(metrics.channel_parked.with_label_values(&["42"]).get(), 1);
+    let _loop = connect_as(&mut f, 3);
+    f.send_due(later(8)).unwrap();
+    assert_eq!(
+        f.in_flight.as_ref().map(|i| i.channel),
+        Some(good),
+        "the other channel goes while the bad one is parked"
+    );
+    f.on_event(event(3, ConnEventKind::Written));
+    assert_eq!(store.len(), 1, "the parked channel's reading stays queued");
+}
+
+#[tokio::test]
+async fn closes_that_do_not_follow_a_publish_park_nothing() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 1.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(false, store.clone(), metrics.clone());
+    for round in 0..4u64 {
+        let _loop = connect_as(&mut f, round);
+        // A ping timeout (a dead link), not the peer closing.
+        f.send_due(later(2 + 2 * round)).unwrap();
+        f.on_event(event(
+            round,
+            ConnEventKind::Closed(Closed {
+                reason: "ping_timeout",
+                refused: None,
+                message: "no PINGRESP".into(),
+            }),
+        ));
+    }
+    assert_eq!(
+        metrics
+            .channel_parked_total
+            .with_label_values(&["42", "closed_after_publish"])
+            .get(),
+        0
+    );
 }

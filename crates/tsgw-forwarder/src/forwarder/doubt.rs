@@ -1,0 +1,439 @@
+//! Updates in doubt: windows that an earlier write (of this run, or of the
+//! run before a crash) may already have stored. They are settled by evidence,
+//! never by giving their readings a new `created_at`:
+//!
+//! 1. an entry seen on the channel's subscription with the window's
+//!    `created_at` (its echo, or the newest entry ThingSpeak delivers on
+//!    subscribing): the same values settle it as delivered, other values as
+//!    `stored_differs`;
+//! 2. for a window older than this run (the previous run may have written
+//!    it), ThingSpeak's REST read API, `feeds.json` over the range of such
+//!    windows, with the channel's read key (none for a public channel): found
+//!    is delivered (`read_api`), absent is sent normally (`not_stored`);
+//! 3. over MQTT alone: the window is resent with the same `created_at`. If
+//!    that resend stays unechoed for `confirm_timeout_secs` while the
+//!    connection is healthy, it waits aside (a "doubt") and the channel goes
+//!    on; the echo of a later update of the channel written on the same
+//!    connection shows that ThingSpeak took that later update and rejected the
+//!    resend, which it does only for a `created_at` it already has: delivered
+//!    (`duplicate`).
+//!
+//! A window whose stored entry holds other values is counted and logged, and
+//! not resent: if this run wrote it, the entry is not ours and the readings
+//! join the next window; if an earlier run may have (the window predates
+//! this run), the entry is ours with a different set of readings, and
+//! sending them again would store some twice: they are removed and counted
+//! as dropped (`stored_differs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use thingspeak::{ChannelId, FeedEntry, Target};
+use tokio::time::Instant;
+use tsgw_core::QueueKey;
+
+use crate::batch::{window_len, Batch};
+use crate::rest::ReadResult;
+
+use super::confirm::same_value;
+use super::Forwarder;
+
+/// Entries remembered per channel from its subscription.
+const SEEN_MEMORY: usize = 256;
+/// After a failed read, MQTT evidence alone for this long before asking again.
+const READ_RETRY: Duration = Duration::from_secs(60);
+
+/// What to do with a window about to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Send it. `maybe_stored`: an earlier write may have stored it, so an
+    /// unechoed resend is a doubt, not a loss.
+    Send { maybe_stored: bool },
+    /// Evidence is on its way (a read); look again then at the latest.
+    Wait(Instant),
+    /// Settled without sending: look at the channel again now.
+    Settled,
+}
+
+/// Where the read API stands for a channel.
+#[derive(Debug, Clone, Default)]
+pub(super) enum ReadState {
+    #[default]
+    NotAsked,
+    Asking {
+        since: Instant,
+    },
+    /// The entries created in `[start, end]`.
+    Known {
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        entries: BTreeMap<DateTime<Utc>, FeedEntry>,
+    },
+    /// No read access (`-1`) or reads off: MQTT evidence only.
+    Unavailable,
+    Failed {
+        retry_at: Instant,
+    },
+}
+
+/// A written update whose resend got no echo; its readings stay queued.
+pub(super) struct Doubt {
+    pub(super) batch: Batch,
+    /// The connection generation and write number of its last write; `None`
+    /// once that connection is gone (it is then sent again).
+    pub(super) written: Option<(u64, u64)>,
+}
+
+/// What the forwarder knows of one channel's stored entries.
+#[derive(Default)]
+pub(super) struct Evidence {
+    /// Values of entries seen on the subscription, by `created_at`.
+    pub(super) seen: BTreeMap<DateTime<Utc>, BTreeMap<Target, String>>,
+    pub(super) read: ReadState,
+    /// Oldest first.
+    pub(super) doubts: Vec<Doubt>,
+}
+
+impl Evidence {
+    /// Readings and `created_at` values held by doubts, kept out of new windows.
+    pub(super) fn held(&self) -> (BTreeSet<QueueKey>, BTreeSet<DateTime<Utc>>) {
+        let keys = self
+            .doubts
+            .iter()
+            .flat_map(|d| d.batch.covered.iter().copied())
+            .collect();
+        let times = self
+            .doubts
+            .iter()
+            .filter_map(|d| d.batch.created_at())
+            .collect();
+        (keys, times)
+    }
+}
+
+/// The end of a feed read, reported by its task.
+pub(super) struct ReadDone {
+    pub(super) channel: ChannelId,
+    pub(super) start: DateTime<Utc>,
+    pub(super) end: DateTime<Utc>,
+    pub(super) result: ReadResult,
+}
+
+/// Whether the stored values are the update's (numbers compared as numbers).
+pub(super) fn same_entry(batch: &Batch, stored: impl Fn(Target) -> Option<String>) -> bool {
+    batch
+        .update
+        .values
+        .iter()
+        .all(|(target, value)| stored(*target).is_some_and(|got| same_value(&got, value)))
+}
+
+fn describe(values: impl Iterator<Item = (Target, String)>) -> String {
+    values
+        .map(|(t, v)| format!("{t}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl Forwarder {
+    /// The previous run may have written a window that closed before this
+    /// run started (it sent only closed windows).
+    pub(super) fn inherited(&self, channel: ChannelId, created_at: DateTime<Utc>) -> bool {
+        let len = window_len(self.schedule.interval(channel));
+        created_at + TimeDelta::from_std(len).unwrap_or(TimeDelta::MAX) <= self.started_utc
+    }
+
+    /// Remembers an entry seen on the channel's subscription.
+    pub(super) fn saw_entry(
+        &mut self,
+        channel: ChannelId,
+        created_at: DateTime<Utc>,
+        values: BTreeMap<Target, String>,
+    ) {
+        let seen = &mut self.evidence.entry(channel).or_default().seen;
+        seen.insert(created_at, values);
+        while seen.len() > SEEN_MEMORY {
+            seen.pop_first();
+        }
+    }
+
+    /// Decides what evidence says about a window before it is sent.
+    pub(super) fn check_window(
+        &mut self,
+        channel: ChannelId,
+        batch: &Batch,
+        now: Instant,
+    ) -> Verdict {
+        let Some(created_at) = batch.created_at() else {
+            return Verdict::Send {
+                maybe_stored: false,
+            };
+        };
+        let seen = self
+            .evidence
+            .get(&channel)
+            .and_then(|e| e.seen.get(&created_at))
+            .cloned();
+        if let Some(values) = seen {
+            self.settle(channel, batch.clone(), "echo", |t| values.get(&t).cloned());
+            return Verdict::Settled;
+        }
+        if !self.inherited(channel, created_at) {
+            return Verdict::Send {
+                maybe_stored: false,
+            };
+        }
+        let readable = self.config.read_api && self.bulk.is_some();
+        let state = self.evidence.entry(channel).or_default().read.clone();
+        match state {
+            _ if !readable => Verdict::Send { maybe_stored: true },
+            ReadState::Unavailable => Verdict::Send { maybe_stored: true },
+            ReadState::Failed { retry_at } if now < retry_at => {
+                Verdict::Send { maybe_stored: true }
+            }
+            ReadState::Asking { since } => {
+                let until = since + self.confirm_timeout;
+                if now < until {
+                    Verdict::Wait(until)
+                } else {
+                    // Not held back longer than one confirm timeout: the
+                    // MQTT evidence settles it instead.
+                    Verdict::Send { maybe_stored: true }
+                }
+            }
+            ReadState::Known {
+                start,
+                end,
+                entries,
+            } if start <= created_at && created_at <= end => match entries.get(&created_at) {
+                Some(entry) => {
+                    let entry = entry.clone();
+                    self.settle(channel, batch.clone(), "read_api", |t| {
+                        entry.get(t).map(str::to_owned)
+                    });
+                    Verdict::Settled
+                }
+                None => {
+                    self.count_doubt(channel, "not_stored");
+                    tracing::debug!(%channel, created_at = %thingspeak::format_timestamp(&created_at),
+                        "the read API shows no entry at this created_at; sending it");
+                    Verdict::Send {
+                        maybe_stored: false,
+                    }
+                }
+            },
+            _ => {
+                self.start_read(channel, created_at, now);
+                Verdict::Wait(now + self.confirm_timeout)
+            }
+        }
+    }
+
+    /// Asks the read API for the entries from `from` to this run's start.
+    fn start_read(&mut self, channel: ChannelId, from: DateTime<Utc>, now: Instant) {
+        let Some(client) = self.bulk.clone() else {
+            return;
+        };
+        let key = self.config.read_key(channel);
+        let (start, end) = (from, self.started_utc);
+        let timeout = self.confirm_timeout;
+        self.evidence.entry(channel).or_default().read = ReadState::Asking { since: now };
+        tracing::debug!(%channel, "reading the channel's entries to settle updates in doubt");
+        let tx = self.reads_tx.clone();
+        tokio::spawn(async move {
+            let result = client
+                .read_feeds(channel, start, end, key.as_ref(), timeout)
+                .await;
+            let _ = tx
+                .send(ReadDone {
+                    channel,
+                    start,
+                    end,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    pub(super) fn on_read_done(&mut self, done: ReadDone) {
+        let channel = done.channel;
+        self.next_check.remove(&channel);
+        let now = Instant::now();
+        let state = match done.result {
+            ReadResult::Entries(list) => {
+                // A full answer may stop short of `end`: what it covers is
+                // known, the rest is asked again when needed.
+                let end = if list.len() >= thingspeak::read::MAX_RESULTS {
+                    list.last().map_or(done.end, |e| e.created_at)
+                } else {
+                    done.end
+                };
+                ReadState::Known {
+                    start: done.start,
+                    end,
+                    entries: list.into_iter().map(|e| (e.created_at, e)).collect(),
+                }
+            }
+            ReadResult::NoAccess => {
+                tracing::info!(
+                    %channel,
+                    "the read API answered -1 (a private channel, and no or a wrong \
+                     upstream.channels.\"{channel}\".read_key): updates in doubt of this channel \
+                     are settled over MQTT alone"
+                );
+                ReadState::Unavailable
+            }
+            ReadResult::Failed(message) => {
+                tracing::warn!(
+                    %channel,
+                    error = %message,
+                    retry_in_secs = READ_RETRY.as_secs(),
+                    "reading the channel's entries failed; settling updates in doubt over MQTT meanwhile"
+                );
+                ReadState::Failed {
+                    retry_at: now + READ_RETRY,
+                }
+            }
+        };
+        self.evidence.entry(channel).or_default().read = state;
+    }
+
+    /// Settles `batch` (not the pending update) against a stored entry.
+    fn settle(
+        &mut self,
+        channel: ChannelId,
+        batch: Batch,
+        how: &'static str,
+        stored: impl Fn(Target) -> Option<String>,
+    ) {
+        if same_entry(&batch, &stored) {
+            tracing::info!(
+                %channel,
+                created_at = ?batch.created_at().map(|t| thingspeak::format_timestamp(&t)),
+                evidence = how,
+                "update in doubt was stored already; not sending it again"
+            );
+            self.count_doubt(channel, how);
+            self.deliver_batch(channel, &batch, true);
+        } else {
+            let theirs = describe(
+                thingspeak::payload::all_targets().filter_map(|t| stored(t).map(|v| (t, v))),
+            );
+            self.stored_differs(channel, &batch, &theirs);
+        }
+    }
+
+    /// An entry at the window's `created_at` holds other values.
+    pub(super) fn stored_differs(&mut self, channel: ChannelId, batch: &Batch, theirs: &str) {
+        let Some(created_at) = batch.created_at() else {
+            return;
+        };
+        self.count_doubt(channel, "stored_differs");
+        let ours = describe(batch.update.values.iter().map(|(t, v)| (*t, v.clone())));
+        let at = thingspeak::format_timestamp(&created_at);
+        if self.inherited(channel, created_at) {
+            tracing::error!(
+                %channel,
+                created_at = %at,
+                ours = %ours,
+                stored = %theirs,
+                readings = batch.covered.len(),
+                "the channel's entry at this created_at holds other values than the window \
+                 (an earlier run stored it with other readings): not sending them again, which \
+                 could store some twice; removed and counted as dropped (stored_differs)"
+            );
+            match self.store.remove(&batch.covered) {
+                Ok(()) => {
+                    self.metrics
+                        .updates_dropped_total
+                        .with_label_values(&[&channel.to_string(), "stored_differs"])
+                        .inc();
+                    self.mark_used(channel, [created_at]);
+                }
+                Err(e) => tracing::error!(%channel, error = %e, "could not remove the readings"),
+            }
+        } else {
+            // This run's write was rejected: the entry is someone else's.
+            tracing::warn!(
+                %channel,
+                created_at = %at,
+                ours = %ours,
+                stored = %theirs,
+                "the channel already has a different entry at this created_at; \
+                 the readings move to the next window"
+            );
+            self.mark_used(channel, [created_at]);
+        }
+    }
+
+    pub(super) fn count_doubt(&self, channel: ChannelId, resolution: &str) {
+        self.metrics
+            .updates_in_doubt_total
+            .with_label_values(&[&channel.to_string(), resolution])
+            .inc();
+    }
+
+    /// A later update of `channel`, written as `(generation, seq)`, was
+    /// echoed: every doubt resent before it on the same connection was
+    /// rejected by ThingSpeak, i.e. its `created_at` was already stored.
+    pub(super) fn settle_doubts_before(&mut self, channel: ChannelId, written: (u64, u64)) {
+        let Some(evidence) = self.evidence.get_mut(&channel) else {
+            return;
+        };
+        let (settled, kept): (Vec<Doubt>, Vec<Doubt>) = std::mem::take(&mut evidence.doubts)
+            .into_iter()
+            .partition(|d| {
+                d.written
+                    .is_some_and(|(g, s)| g == written.0 && s < written.1)
+            });
+        evidence.doubts = kept;
+        for d in settled {
+            tracing::info!(
+                %channel,
+                created_at = ?d.batch.created_at().map(|t| thingspeak::format_timestamp(&t)),
+                "update in doubt settled: its resend stayed unechoed while a later update was \
+                 echoed, so ThingSpeak already had it (duplicate)"
+            );
+            self.count_doubt(channel, "duplicate");
+            self.deliver_batch(channel, &d.batch, true);
+        }
+    }
+
+    /// An entry seen on the subscription may settle a doubt.
+    pub(super) fn echo_settles_doubt(
+        &mut self,
+        channel: ChannelId,
+        created_at: DateTime<Utc>,
+        values: &BTreeMap<Target, String>,
+    ) {
+        let Some(evidence) = self.evidence.get_mut(&channel) else {
+            return;
+        };
+        let Some(i) = evidence
+            .doubts
+            .iter()
+            .position(|d| d.batch.created_at() == Some(created_at))
+        else {
+            return;
+        };
+        let doubt = evidence.doubts.remove(i);
+        self.settle(channel, doubt.batch, "echo", |t| values.get(&t).cloned());
+    }
+
+    /// The connection is gone: doubts whose evidence was not complete are sent again.
+    pub(super) fn doubts_lose_connection(&mut self) {
+        for evidence in self.evidence.values_mut() {
+            for d in &mut evidence.doubts {
+                d.written = None;
+            }
+        }
+    }
+
+    /// The oldest doubt to send again, if any (taken out of the list).
+    pub(super) fn take_unsent_doubt(&mut self, channel: ChannelId) -> Option<Batch> {
+        let evidence = self.evidence.get_mut(&channel)?;
+        let i = evidence.doubts.iter().position(|d| d.written.is_none())?;
+        Some(evidence.doubts.remove(i).batch)
+    }
+}
