@@ -245,6 +245,15 @@ impl Gateway {
         http_get(self.http, path).await
     }
 
+    /// Every sample of one metric family, as printed, joined by ", ".
+    pub async fn metric_family(&self, name: &str) -> String {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
         metric_value(&text, name_and_labels).unwrap_or(0.0)

@@ -9,5 +9,6 @@ mod devices;
 mod disk_full;
 mod durability;
 mod field_tools;
+mod in_doubt;
 mod local_broker;
 mod operations;

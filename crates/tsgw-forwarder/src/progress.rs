@@ -23,8 +23,13 @@ pub struct Backlog {
 }
 
 struct Track {
+    /// Since when the channel has had a backlog without a break.
+    since: Instant,
+    /// The last line (or `since`), and the readings left then.
     logged_at: Instant,
     readings_then: u64,
+    /// A line was logged for this backlog: its end is logged too.
+    logged: bool,
 }
 
 /// Per-channel backlog bookkeeping for gauges and the periodic log line.
@@ -35,8 +40,9 @@ pub struct Progress {
 
 impl Progress {
     /// Records the channel's backlog as seen now: sets the gauges, and logs
-    /// progress when the last line is [`LOG_EVERY`] old (and once when the
-    /// backlog is worked off).
+    /// progress every [`LOG_EVERY`] while the backlog lasts. A backlog of a
+    /// window or two that comes and goes (a window waiting for its slot) is
+    /// not worth a line: the first comes after [`LOG_EVERY`] without a break.
     pub fn observe(&mut self, channel: ChannelId, left: Backlog, now: Instant, metrics: &Metrics) {
         let label = channel.to_string();
         metrics
@@ -49,27 +55,19 @@ impl Progress {
             .set(i64::try_from(left.readings).unwrap_or(i64::MAX));
         if left.windows == 0 {
             if let Some(track) = self.tracks.remove(&channel) {
-                let secs = now.duration_since(track.logged_at).as_secs_f64();
-                tracing::info!(%channel, "backfill done (last progress line {secs:.0} s ago)");
+                if track.logged {
+                    let secs = now.duration_since(track.since).as_secs();
+                    tracing::info!(%channel, "backfill done after {secs} s");
+                }
             }
             return;
         }
-        let Some(track) = self.tracks.get_mut(&channel) else {
-            tracing::info!(
-                %channel,
-                windows_left = left.windows,
-                readings_left = left.readings,
-                "backfill started"
-            );
-            self.tracks.insert(
-                channel,
-                Track {
-                    logged_at: now,
-                    readings_then: left.readings,
-                },
-            );
-            return;
-        };
+        let track = self.tracks.entry(channel).or_insert(Track {
+            since: now,
+            logged_at: now,
+            readings_then: left.readings,
+            logged: false,
+        });
         let elapsed = now.duration_since(track.logged_at);
         if elapsed < LOG_EVERY {
             return;
@@ -94,6 +92,7 @@ impl Progress {
         }
         track.logged_at = now;
         track.readings_then = left.readings;
+        track.logged = true;
     }
 }
 
@@ -151,6 +150,7 @@ mod tests {
         );
         assert_eq!(gauges(&metrics), (10, 900));
         assert_eq!(p.tracks[&ch()].readings_then, 900);
+        assert!(!p.tracks[&ch()].logged, "no line before the backlog lasted");
         p.observe(
             ch(),
             Backlog {

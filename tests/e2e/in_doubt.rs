@@ -1,0 +1,255 @@
+//! An update in doubt after a crash is never stored twice and never stalls
+//! its channel: the gateway is SIGKILLed right after ThingSpeak (the
+//! emulator) stored one of its updates, 20 times, and restarted on the same
+//! queue each time, under QoS 1 load of `field1=1` summed per window.
+//!
+//! Exact accounting: every PUBACK means "on disk" (the queue acks only after
+//! fsync), so the upstream sum of field1 is at least the acked count (none
+//! lost) and at most the acked count plus the publishes a kill cut off before
+//! their PUBACK (those may or may not have been stored): anything above is a
+//! reading stored twice. The device publishes in lockstep (the next publish
+//! after the previous PUBACK), so a kill cuts off at most one publish.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::time::Instant;
+
+use crate::common::*;
+
+const KILLS: u32 = 20;
+const CH: u64 = 1001;
+/// update_interval_secs and the emulator's rate limit.
+const INTERVAL: Duration = Duration::from_secs(1);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+/// The backlog a restart leaves (the first update waits one interval) goes
+/// by bulk calls this often, as under the default `backfill = "bulk"`.
+const BULK_INTERVAL: Duration = Duration::from_secs(3);
+/// Pause between publishes: about 50 a second.
+const PACE: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct Tally {
+    acked: AtomicU64,
+    /// Publishes whose PUBACK never came (their connection died first).
+    cut_off: AtomicU64,
+}
+
+/// Publishes `field1=1` to the gateway at `broker` one at a time until
+/// `stop` or the connection dies; counts PUBACKs and cut-off publishes.
+async fn lockstep_device(broker: SocketAddr, id: String, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let topic = format!("channels/{CH}/publish");
+    while !stop.load(Ordering::SeqCst) {
+        if client
+            .publish(&topic, QoS::AtLeastOnce, false, "field1=1")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let acked = tokio::time::timeout(WAIT, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        if acked == Ok(true) {
+            tally.acked.fetch_add(1, Ordering::SeqCst);
+        } else {
+            tally.cut_off.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        tokio::time::sleep(PACE).await;
+    }
+}
+
+fn upstream_sum(emulator: &thingspeak_emulator::EmulatorHandle) -> u64 {
+    entries(emulator, CH)
+        .iter()
+        .map(|e| {
+            let v = e.field(1).expect("every entry has field1");
+            v.parse::<f64>()
+                .unwrap_or_else(|_| panic!("field1 {v:?} is a sum")) as u64
+        })
+        .sum()
+}
+
+/// The test channels and device, with bulk calls allowed every second.
+async fn emulator_fast_bulk() -> thingspeak_emulator::EmulatorHandle {
+    crypto();
+    let mut builder = thingspeak_emulator::Emulator::builder()
+        .tls("127.0.0.1:0")
+        .http("127.0.0.1:0")
+        .default_interval(INTERVAL)
+        .bulk_interval(BULK_INTERVAL);
+    for id in CHANNELS {
+        builder = builder.channel(thingspeak_emulator::ChannelSpec::new(
+            channel(id),
+            format!("WRITEKEY{id:08}"),
+            format!("READKEY{id:09}"),
+        ));
+    }
+    builder
+        .device(thingspeak_emulator::DeviceSpec::new(
+            CLIENT_ID,
+            USERNAME,
+            PASSWORD,
+            CHANNELS.map(channel),
+        ))
+        .start()
+        .await
+        .expect("emulator starts")
+}
+
+async fn kill_loop(read_key: bool) {
+    let emulator = emulator_fast_bulk().await;
+    let http = emulator.http_addr().expect("emulator HTTP listener");
+    let key = if read_key {
+        format!("read_key = \"READKEY{CH:09}\"")
+    } else {
+        String::new()
+    };
+    let extra = format!(
+        r#"
+[upstream.channels."{CH}"]
+aggregate = {{ field1 = "sum" }}
+write_key = "WRITEKEY{CH:08}"
+{key}
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = config_toml(&emulator, dir.path(), INTERVAL.as_secs_f64(), &extra);
+    // The upstream keys go before the first other table.
+    text = text.replacen(
+        "[queue]",
+        &format!(
+            "confirm_timeout_secs = {}\nread_api = true\nrest_host = \"127.0.0.1\"\n\
+             rest_port = {}\nrest_tls = false\nbulk_interval_secs = {}\n\n[queue]",
+            CONFIRM_TIMEOUT.as_secs_f64(),
+            http.port(),
+            BULK_INTERVAL.as_secs_f64()
+        ),
+        1,
+    );
+    let config = write_config(dir.path(), &text);
+    let tally = Arc::new(Tally::default());
+    let mut stored = emulator.stored();
+
+    for kill in 0..KILLS {
+        let gateway = Gateway::start(&config);
+        let stop = Arc::new(AtomicBool::new(false));
+        let device = tokio::spawn(lockstep_device(
+            gateway.mqtt,
+            format!("lockstep-{kill}"),
+            tally.clone(),
+            stop.clone(),
+        ));
+        // Load for a while, then kill right after the next stored update:
+        // the gateway has most likely not seen its echo yet.
+        tokio::time::sleep(Duration::from_millis(700 + 97 * u64::from(kill % 7))).await;
+        while stored.try_recv().is_ok() {}
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, stored.recv()).await {
+                Ok(Ok(entry)) if entry.channel() == channel(CH) => break,
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                other => panic!(
+                    "kill {kill}: no update stored in time ({other:?}); log:\n{}",
+                    gateway.log_text()
+                ),
+            }
+        }
+        gateway.kill();
+        stop.store(true, Ordering::SeqCst);
+        tokio::time::timeout(WAIT, device)
+            .await
+            .expect("device ends")
+            .unwrap();
+    }
+
+    // The last run: load for a few seconds, then the queue must drain within
+    // two intervals plus one confirm timeout of the load stopping.
+    let gateway = Gateway::start(&config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let device = tokio::spawn(lockstep_device(
+        gateway.mqtt,
+        "lockstep-last".into(),
+        tally.clone(),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(WAIT, device)
+        .await
+        .expect("device ends")
+        .unwrap();
+    let stopped = Instant::now();
+    let bound = INTERVAL * 2 + CONFIRM_TIMEOUT;
+    loop {
+        if gateway.metric("tsgw_queue_readings").await == 0.0 {
+            break;
+        }
+        assert!(
+            stopped.elapsed() <= bound,
+            "queue not drained within {bound:?} of the load stopping; {} readings left; log:\n{}",
+            gateway.metric("tsgw_queue_readings").await,
+            gateway.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let drained = stopped.elapsed();
+
+    let acked = tally.acked.load(Ordering::SeqCst);
+    let cut_off = tally.cut_off.load(Ordering::SeqCst);
+    let upstream = upstream_sum(&emulator);
+    let counters = emulator.counters();
+    let in_doubt = gateway.metric_family("tsgw_updates_in_doubt_total").await;
+    eprintln!(
+        "in doubt (read key: {read_key}): {KILLS} kills, {acked} acked, {cut_off} cut off, \
+         upstream sum {upstream}, drained {drained:?} after the load; emulator {counters:?}; \
+         last run: {in_doubt}"
+    );
+    assert!(acked > 1000, "load too light: {acked} acked");
+    assert!(
+        upstream >= acked,
+        "acked readings lost: upstream sum {upstream} < {acked} acked"
+    );
+    assert!(
+        upstream <= acked + cut_off,
+        "readings stored twice: upstream sum {upstream} > {acked} acked + {cut_off} cut off"
+    );
+    assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
+    if read_key {
+        assert!(
+            counters.feed_reads > 0,
+            "the read API was used: {counters:?}"
+        );
+        assert_eq!(counters.feed_reads_refused, 0, "{counters:?}");
+    } else {
+        assert!(
+            counters.feed_reads_refused > 0,
+            "without the key the read is refused and MQTT evidence settles: {counters:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_an_upstream_store_duplicates_nothing_with_a_read_key() {
+    kill_loop(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_an_upstream_store_duplicates_nothing_over_mqtt_alone() {
+    kill_loop(false).await;
+}
