@@ -2,6 +2,7 @@
 //! `tsgw` binary. Each subcommand prints a Markdown table (progress goes to
 //! stderr, the final table to stdout) for the README.
 
+mod burst;
 mod crash;
 mod e2e_latency;
 mod harness;
@@ -32,6 +33,8 @@ struct Cli {
 enum Cmd {
     /// Sustained readings/s from local MQTT publishers into the durable queue, and latency.
     Ingest(ingest::IngestArgs),
+    /// A 1M-publish QoS 0 burst (exact accounting, peak RSS, CPU) next to mosquitto, and QoS 1 with acks after fsync.
+    Burst(burst::BurstArgs),
     /// RSS idle and under load, idle CPU, binary size, startup and RSS with a 1M backlog.
     Resources(resources::ResourcesArgs),
     /// Device publish → entry at the (emulated) ThingSpeak, not rate-limited.
@@ -61,6 +64,7 @@ fn main() -> Result<()> {
     let report = runtime.block_on(async move {
         match cli.command {
             Cmd::Ingest(a) => ingest::run(a, binary).await,
+            Cmd::Burst(a) => burst::run(a, binary).await,
             Cmd::Resources(a) => resources::run(a, binary).await,
             Cmd::E2eLatency(a) => e2e_latency::run(a, binary).await,
             Cmd::CrashLoop(a) => crash::run(a, binary).await,
