@@ -205,6 +205,14 @@ fn qos1_device(
     Ok(())
 }
 
+/// What mosquitto did with the burst.
+struct Relay {
+    secs: f64,
+    peak_kib: u64,
+    cpu: f64,
+    received: u64,
+}
+
 /// A mosquitto broker on a free loopback port.
 struct Mosquitto {
     child: Child,
@@ -374,13 +382,18 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
         publishers.await??;
         let (peak, cpu) = watch.finish()?;
         eprintln!("mosquitto: relayed {last} of {total} in {secs:.1} s");
-        Some((secs, peak, cpu, last))
+        Some(Relay {
+            secs,
+            peak_kib: peak,
+            cpu,
+            received: last,
+        })
     } else {
         None
     };
 
     let mut table = Table::new(&["figure", "tsgw", "mosquitto 2.0 (relay to one subscriber)"]);
-    let m = |f: &dyn Fn(&(f64, u64, f64, u64)) -> String| {
+    let m = |f: &dyn Fn(&Relay) -> String| {
         mosquitto
             .as_ref()
             .map(f)
@@ -392,14 +405,14 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
             args.clients
         ),
         format!("{:.0} readings/s into the queue", total as f64 / tsgw_secs),
-        m(&|(s, ..)| format!("{:.0} messages/s relayed", total as f64 / s)),
+        m(&|r| format!("{:.0} messages/s relayed", total as f64 / r.secs)),
     ]);
     table.row(vec![
         "accounted for".into(),
         format!(
             "{accepted} accepted + {counted_drops} refused (counted) + {queue_drops} dropped by the queue (counted) of {total}"
         ),
-        m(&|(.., got)| format!("{got} of {total} relayed")),
+        m(&|r| format!("{} of {total} relayed", r.received)),
     ]);
     table.row(vec![
         "peak RSS during the burst".into(),
@@ -408,12 +421,12 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
             mib(tsgw_peak),
             mib(idle_kib)
         ),
-        m(&|(_, peak, ..)| format!("{:.1} MiB", mib(*peak))),
+        m(&|r| format!("{:.1} MiB", mib(r.peak_kib))),
     ]);
     table.row(vec![
         "CPU per message".into(),
         format!("{:.1} µs", tsgw_cpu * 1e6 / total as f64),
-        m(&|(_, _, cpu, _)| format!("{:.1} µs", cpu * 1e6 / total as f64)),
+        m(&|r| format!("{:.1} µs", r.cpu * 1e6 / total as f64)),
     ]);
     table.row(vec![
         "times the front waited for the queue writer".into(),
