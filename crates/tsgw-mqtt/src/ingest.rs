@@ -281,6 +281,113 @@ fn redact_thingspeak_key(topic: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acl::Acl;
+    use std::sync::Arc;
+
+    fn anonymous() -> Identity {
+        Identity {
+            user: None,
+            acl: Arc::new(Acl::default()),
+        }
+    }
+
+    fn mapping(upstream: &[u64]) -> Mapping {
+        Mapping {
+            drop_in: DropInConfig::default(),
+            drop_in_channels: upstream
+                .iter()
+                .map(|&c| ChannelId::new(c).unwrap())
+                .collect(),
+            ..Mapping::default()
+        }
+    }
+
+    #[test]
+    fn drop_in_accepts_only_the_upstream_channels() {
+        let ingest = Ingest::new(Metrics::new());
+        let map = mapping(&[42]);
+        let now = Utc::now();
+        match ingest.publish(&map, &anonymous(), "channels/42/publish", b"field1=1", now) {
+            Verdict::Accept {
+                readings,
+                relay_topic,
+            } => {
+                assert_eq!(readings.len(), 1);
+                assert_eq!(readings[0].origin.device, DROP_IN_DEVICE);
+                assert_eq!(relay_topic, None);
+            }
+            Verdict::Deny => panic!("a configured channel was refused"),
+        }
+        assert_eq!(
+            ingest.publish(&map, &anonymous(), "channels/43/publish", b"field1=1", now),
+            Verdict::Deny
+        );
+        let m = ingest.metrics();
+        assert_eq!(
+            m.mqtt_refused_channel_total
+                .with_label_values(&["43"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            m.mqtt_denied_total
+                .with_label_values(&["channel_not_allowed", "anonymous"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn legacy_keys_are_stripped_from_the_relayed_topic() {
+        let ingest = Ingest::new(Metrics::new());
+        let verdict = ingest.publish(
+            &mapping(&[42]),
+            &anonymous(),
+            "channels/42/publish/fields/field2/ABCDEFGHIJKLMNOP",
+            b"5",
+            Utc::now(),
+        );
+        let Verdict::Accept { relay_topic, .. } = verdict else {
+            panic!("refused");
+        };
+        assert_eq!(
+            relay_topic.as_deref(),
+            Some("channels/42/publish/fields/field2")
+        );
+    }
+
+    #[test]
+    fn refused_channel_labels_are_bounded() {
+        let ingest = Ingest::new(Metrics::new());
+        let map = mapping(&[]);
+        for c in 1..=(REFUSED_CHANNEL_LABELS as u64 + 10) {
+            let topic = format!("channels/{c}/publish");
+            ingest.publish(&map, &anonymous(), &topic, b"field1=1", Utc::now());
+        }
+        assert_eq!(
+            ingest
+                .metrics()
+                .mqtt_refused_channel_total
+                .with_label_values(&["other"])
+                .get(),
+            10
+        );
+    }
+
+    #[test]
+    fn nothing_may_be_published_into_thingspeaks_subscribe_topics() {
+        let ingest = Ingest::new(Metrics::new());
+        assert_eq!(
+            ingest.publish(
+                &mapping(&[42]),
+                &anonymous(),
+                "channels/42/subscribe",
+                b"{}",
+                Utc::now()
+            ),
+            Verdict::Deny
+        );
+    }
 
     #[test]
     fn legacy_keys_never_reach_logs() {
