@@ -98,6 +98,12 @@ pub struct Metrics {
     /// Closed windows of a channel that wait behind its newest. Labels: channel.
     pub backfill_remaining_windows: IntGaugeVec,
 
+    // --- operations ----------------------------------------------------------
+    /// Requests to the status page or tail feed refused for want of a user
+    /// from `http.users`. Labels: reason (`no_credentials`, `malformed`,
+    /// `unknown_user`, `bad_password`).
+    pub http_denied_total: IntCounterVec,
+
     // --- process -------------------------------------------------------------
     /// Always 1; labels carry the version.
     pub build_info: IntGaugeVec,
@@ -299,6 +305,11 @@ impl Metrics {
                 "tsgw_backfill_remaining_windows",
                 "Closed windows waiting behind the channel's newest.",
                 &["channel"],
+            ),
+            http_denied_total: counter_vec(
+                "tsgw_http_denied_total",
+                "Status page and tail requests refused for want of a user from http.users, by reason.",
+                &["reason"],
             ),
             build_info: gauge_vec(
                 "tsgw_build_info",

@@ -68,7 +68,7 @@ fn round_significant(n: f64) -> f64 {
 }
 
 /// The kind of source a reading came in through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Mqtt,
@@ -94,7 +94,7 @@ impl fmt::Display for SourceKind {
 
 /// Where a reading came from: the source kind and the device's configured name
 /// (for MQTT, the client id of the publisher).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Origin {
     pub source: SourceKind,
     pub device: String,

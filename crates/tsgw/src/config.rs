@@ -5,6 +5,7 @@
 //! and documents its own struct); this file only assembles them and checks
 //! the whole before anything starts.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use tsgw_core::Secret;
 use tsgw_forwarder::UpstreamConfig;
 use tsgw_modbus::ModbusDeviceConfig;
 use tsgw_mqtt::MqttSourceConfig;
@@ -55,10 +57,18 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// `/metrics`, `/healthz` and `/readyz`. Localhost only unless changed here.
+    /// The status page (`/`), `tsgw tail`'s feed (`/tail`), `/metrics`,
+    /// `/healthz` and `/readyz`. Localhost only unless changed here.
     pub listen: SocketAddr,
     /// `/readyz` fails when upstream has not been connected for this long.
     pub ready_upstream_grace_secs: u64,
+    /// Who may see the status page and the tail feed (HTTP Basic):
+    /// `name = "<hash from tsgw passwd>"` (a plain password works too). None:
+    /// open to anyone who reaches `listen`. `/metrics` and the health checks
+    /// stay open either way, for Prometheus and systemd.
+    pub users: BTreeMap<String, Secret>,
+    /// How often the status page reloads itself, seconds.
+    pub refresh_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -66,6 +76,8 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9184)),
             ready_upstream_grace_secs: 300,
+            users: BTreeMap::new(),
+            refresh_secs: 10,
         }
     }
 }
@@ -154,6 +166,14 @@ impl GatewayConfig {
             if !names.insert(name) {
                 bail!("device name {name:?} is used twice: names label metrics and logs, so they must be unique across [[serial]] and [[modbus]]");
             }
+        }
+        crate::ops::status::auth::Users::validate(&self.http.users)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if !(1..=3600).contains(&self.http.refresh_secs) {
+            bail!(
+                "http.refresh_secs = {} is outside 1..=3600",
+                self.http.refresh_secs
+            );
         }
         if self.queue.max_bytes == 0 {
             bail!("queue.max_bytes must be above 0");
@@ -249,6 +269,7 @@ mod tests {
         let config = parse_and_validate(&enabled);
         assert_eq!(config.serial.len(), 2);
         assert_eq!(config.modbus.len(), 2);
+        assert_eq!(config.http.users.len(), 1);
     }
 
     #[test]

@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use tsgw_core::{ChannelId, Metrics, Reading, ReadingStore};
 use tsgw_mqtt::MqttSource;
-use tsgw_queue::DurableQueue;
+use tsgw_queue::{DurableQueue, OpenProgress};
 
 use crate::config::GatewayConfig;
 use crate::ops::health::Health;
+use crate::ops::status::StatusService;
 use crate::ops::{http, systemd};
 use crate::pipeline::heartbeat::Heartbeat;
 use crate::pipeline::writer;
@@ -47,6 +48,7 @@ pub struct Gateway {
     forwarder: JoinHandle<()>,
     flusher: JoinHandle<()>,
     http_addr: SocketAddr,
+    status: StatusService,
     /// Cancels the sources (first, so their last readings reach the queue).
     sources_stop: CancellationToken,
     /// Cancels the forwarder, HTTP endpoint, flusher and watchdog (last).
@@ -65,20 +67,8 @@ impl Gateway {
         let sources_stop = CancellationToken::new();
         let service_stop = CancellationToken::new();
 
-        let queue = DurableQueue::open(&config.queue, metrics.clone()).with_context(|| {
-            format!(
-                "cannot open the queue at {} (queue.dir)",
-                config.queue.dir.display()
-            )
-        })?;
-        info!(
-            dir = %config.queue.dir.display(),
-            readings = queue.len(),
-            bytes = queue.bytes(),
-            "queue open"
-        );
-        let flusher = queue.spawn_flusher(service_stop.clone());
-
+        // The HTTP listener comes first, so that the status page shows how
+        // far opening a large queue got.
         let heartbeat = Heartbeat::new();
         heartbeat.beat();
         let health = Health::new(
@@ -86,14 +76,52 @@ impl Gateway {
             metrics.clone(),
             Duration::from_secs(config.http.ready_upstream_grace_secs),
         );
+        let opening = OpenProgress::new();
+        let status = StatusService::new(
+            &config,
+            metrics.clone(),
+            opening.clone(),
+            service_stop.clone(),
+        );
         let http_addr = http::serve(
             config.http.listen,
             metrics.clone(),
             health.clone(),
+            status.clone(),
             service_stop.clone(),
         )
         .await?;
         info!(addr = %http_addr, "metrics and health endpoint ready");
+        if config.http.users.is_empty() && !config.http.listen.ip().is_loopback() {
+            warn!(listen = %config.http.listen, "the status page and tail feed are open to anyone who reaches http.listen; add http.users to require a password");
+        }
+        status.spawn_sampler();
+
+        let queue = {
+            let (config, metrics) = (config.queue.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                DurableQueue::open_with_progress(&config, metrics, &opening)
+            })
+            .await
+            .context("opening the queue stopped")
+            .and_then(|opened| opened.map_err(anyhow::Error::from))
+        };
+        let queue = queue
+            .with_context(|| {
+                format!(
+                    "cannot open the queue at {} (queue.dir)",
+                    config.queue.dir.display()
+                )
+            })
+            .inspect_err(|_| service_stop.cancel())?;
+        info!(
+            dir = %config.queue.dir.display(),
+            readings = queue.len(),
+            bytes = queue.bytes(),
+            "queue open"
+        );
+        status.set_queue(Arc::new(queue.clone()));
+        let flusher = queue.spawn_flusher(service_stop.clone());
 
         let (readings, readings_rx) = mpsc::channel(READING_CHANNEL);
         let (mqtt_batches, mqtt_batches_rx) = mpsc::channel(MQTT_BATCH_CHANNEL);
@@ -105,6 +133,7 @@ impl Gateway {
             queue.clone(),
             metrics.clone(),
             heartbeat,
+            status.recent.clone(),
         ));
 
         let mqtt = MqttSource::start(
@@ -151,6 +180,7 @@ impl Gateway {
             forwarder,
             flusher,
             http_addr,
+            status,
             sources_stop,
             service_stop,
         })
@@ -185,13 +215,26 @@ impl Gateway {
         }
         self.polled_devices =
             spawn_polled_devices(&new, &self.readings, &self.metrics, &self.sources_stop)?;
+        self.status.reconfigure(&new);
         for (section, changed) in [
             ("queue", toml_of(&new.queue) != toml_of(&self.config.queue)),
             (
                 "upstream",
                 toml_of(&new.upstream) != toml_of(&self.config.upstream),
             ),
-            ("http", toml_of(&new.http) != toml_of(&self.config.http)),
+            // http.users apply at once (the status page re-reads them).
+            (
+                "http",
+                (
+                    new.http.listen,
+                    new.http.ready_upstream_grace_secs,
+                    new.http.refresh_secs,
+                ) != (
+                    self.config.http.listen,
+                    self.config.http.ready_upstream_grace_secs,
+                    self.config.http.refresh_secs,
+                ),
+            ),
             (
                 "mqtt listeners",
                 (new.mqtt.listen, new.mqtt.websocket_listen, &new.mqtt.tls)

@@ -5,6 +5,7 @@ mod demo;
 mod gateway;
 mod ops;
 mod pipeline;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,33 @@ enum Command {
         /// The account name the printed line starts with.
         user: String,
     },
+    /// Follow readings as they enter the queue of a running gateway (through
+    /// its HTTP listener): device, channel, target, value, measured time.
+    Tail {
+        /// The gateway's config, to find `http.listen`.
+        #[arg(
+            long,
+            short,
+            env = "TSGW_CONFIG",
+            default_value = "/etc/tsgw/gateway.toml"
+        )]
+        config: PathBuf,
+        /// The gateway's HTTP address instead (`HOST:PORT`).
+        #[arg(long)]
+        addr: Option<String>,
+        /// A user from `http.users`; the password comes from TSGW_HTTP_PASSWORD or standard input.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this channel.
+        #[arg(long)]
+        channel: Option<u64>,
+        /// Only this device (a serial port, Modbus unit, MQTT user or rule).
+        #[arg(long)]
+        device: Option<String>,
+        /// Print the feed's JSON lines as they come.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a self-contained demo: a local ThingSpeak emulator, a gateway and simulated devices.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -67,6 +95,23 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(config),
         Command::Run { config } => run(config),
         Command::Passwd { user } => passwd(&user),
+        Command::Tail {
+            config,
+            addr,
+            user,
+            channel,
+            device,
+            json,
+        } => runtime().and_then(|rt| {
+            rt.block_on(tail::run(tail::TailArgs {
+                config,
+                addr,
+                user,
+                channel,
+                device,
+                json,
+            }))
+        }),
         Command::Demo { seconds } => runtime().and_then(|rt| rt.block_on(demo::run(seconds))),
     };
     match result {

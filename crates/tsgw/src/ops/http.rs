@@ -1,4 +1,5 @@
-//! `/metrics` (Prometheus text format), `/healthz` and `/readyz` (JSON saying why).
+//! `/metrics` (Prometheus text format), `/healthz` and `/readyz` (JSON saying
+//! why), and the status page and tail feed (`/`, `/tail`: [`super::status`]).
 
 use std::net::SocketAddr;
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tsgw_core::Metrics;
 
 use super::health::{Health, Report};
+use super::status::StatusService;
 
 #[derive(Clone)]
 struct AppState {
@@ -24,6 +26,7 @@ pub async fn serve(
     listen: SocketAddr,
     metrics: Metrics,
     health: Health,
+    status: StatusService,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -34,7 +37,8 @@ pub async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState { metrics, health })
+        .merge(status.router());
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

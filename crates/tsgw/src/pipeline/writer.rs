@@ -21,6 +21,7 @@ use tsgw_core::{DurableAck, IngestBatch, Metrics, Reading};
 use tsgw_queue::DurableQueue;
 
 use super::heartbeat::Heartbeat;
+use crate::ops::status::recent::RecentReadings;
 
 /// Readings written in one sled batch at most. Larger batches amortise the
 /// write; this bound keeps one batch's memory and latency small.
@@ -52,7 +53,13 @@ pub struct Inputs {
 /// Runs until every sender of both channels is dropped (the sources stopped)
 /// and both are drained, so a clean shutdown stores everything the sources
 /// produced; then waits for the last acks' fsync.
-pub async fn run(inputs: Inputs, queue: DurableQueue, metrics: Metrics, heartbeat: Heartbeat) {
+pub async fn run(
+    inputs: Inputs,
+    queue: DurableQueue,
+    metrics: Metrics,
+    heartbeat: Heartbeat,
+    recent: RecentReadings,
+) {
     let Inputs {
         mut polled,
         mut mqtt,
@@ -102,6 +109,9 @@ pub async fn run(inputs: Inputs, queue: DurableQueue, metrics: Metrics, heartbea
                 false
             }
         };
+        if stored {
+            recent.observe(&readings);
+        }
         readings.clear();
         if acks.is_empty() {
             continue;

@@ -1,0 +1,483 @@
+//! The status page as HTML: one self-contained document (inline style, SVG
+//! plots, no script, nothing fetched), refreshed by the browser itself.
+//! Every text that comes from a device or the config is escaped.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tsgw_queue::OpenPhase;
+
+use super::plot;
+use super::snapshot::{DeviceState, ErrorCount, StatusPage};
+
+const STYLE: &str = "
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.2em;color:#222;background:#fff}
+h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.9em}th,td{padding:.25em .6em;text-align:left;vertical-align:top;border-bottom:1px solid #eee}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.meta{color:#666;font-size:.85em}.state{font-weight:600}
+.up,.receiving{color:#17803d}.down{color:#b3261e}.quiet,.unknown{color:#8a6d00}
+.values span{display:inline-block;margin-right:.8em;white-space:nowrap}
+.plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0}.plots figcaption{font-size:.85em;color:#444}
+ul.errors{margin:0;padding-left:1em}
+";
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn render(page: &StatusPage, refresh: Duration) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let _ = write!(
+        out,
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <meta http-equiv=\"refresh\" content=\"{}\">\
+         <link rel=\"icon\" href=\"data:,\"><title>tsgw status</title><style>{STYLE}</style></head><body>",
+        refresh.as_secs().max(1)
+    );
+    let _ = write!(
+        out,
+        "<h1>tsgw status</h1><p class=\"meta\">version {} · up {} · {} · refreshes every {} s</p>",
+        env!("CARGO_PKG_VERSION"),
+        duration(to_std(page.now - page.started)),
+        time(page.now),
+        refresh.as_secs().max(1)
+    );
+    upstream(&mut out, page);
+    devices(&mut out, page);
+    channels(&mut out, page);
+    plots(&mut out, page);
+    queue(&mut out, page);
+    out.push_str("</body></html>");
+    out
+}
+
+fn to_std(d: chrono::Duration) -> Duration {
+    d.to_std().unwrap_or_default()
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// `12:03:04 (5 s ago)`, or `(in 5 s)` for a time ahead of `now`.
+fn when(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    let Some(t) = t else {
+        return "—".to_owned();
+    };
+    let clock = t.format("%H:%M:%S");
+    if t <= now {
+        format!("{clock} ({} ago)", duration(to_std(now - t)))
+    } else {
+        format!("{clock} (in {})", duration(to_std(t - now)))
+    }
+}
+
+pub fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        3600..=86_399 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn errors(out: &mut String, errors: &[ErrorCount]) {
+    if errors.is_empty() {
+        out.push_str("none");
+        return;
+    }
+    out.push_str("<ul class=\"errors\">");
+    for e in errors {
+        let _ = write!(
+            out,
+            "<li>{}: {} in the last hour ({} in all)</li>",
+            escape(&e.reason),
+            e.last_hour,
+            e.total
+        );
+    }
+    out.push_str("</ul>");
+}
+
+fn upstream(out: &mut String, page: &StatusPage) {
+    let u = &page.upstream;
+    out.push_str("<h2>Upstream</h2><table id=\"upstream\"><tbody>");
+    out.push_str("<tr><th>Connection</th><td>");
+    if u.connections.is_empty() {
+        out.push_str("not started yet");
+    }
+    for (name, up) in &u.connections {
+        let (class, word) = if *up {
+            ("up", "connected")
+        } else {
+            ("down", "disconnected")
+        };
+        let _ = write!(
+            out,
+            "<span class=\"state {class}\">{} {word}</span> ",
+            escape(name)
+        );
+    }
+    let _ = write!(
+        out,
+        "</td></tr><tr><th>Last update written</th><td>{}</td></tr><tr><th>Last disconnect</th><td>",
+        when(u.last_publish, page.now)
+    );
+    match &u.last_disconnect {
+        Some(d) => {
+            let _ = write!(
+                out,
+                "{} ({}) at {}",
+                escape(&d.reason),
+                escape(&d.connection),
+                when(Some(d.seen_at), page.now)
+            );
+        }
+        None => out.push_str("none since the page began watching"),
+    }
+    out.push_str("</td></tr><tr><th>Disconnects</th><td>");
+    errors(out, &u.disconnects);
+    out.push_str("</td></tr><tr><th>Backfill</th><td>");
+    if u.backfill.is_empty() {
+        out.push_str("nothing to backfill");
+    }
+    for b in &u.backfill {
+        let rate = match b.rate {
+            Some(r) => format!("{r:.1} readings/s"),
+            None => "rate not measured yet".to_owned(),
+        };
+        let eta = match (b.eta, b.rate) {
+            (Some(eta), _) => format!("done in about {}", duration(eta)),
+            (None, Some(_)) => "not shrinking".to_owned(),
+            (None, None) => "ETA once measured".to_owned(),
+        };
+        let _ = write!(
+            out,
+            "<div>channel {}: {} in {} left, {rate}, {eta}</div>",
+            escape(&b.channel),
+            plural(b.readings, "reading"),
+            plural(b.windows, "window")
+        );
+    }
+    out.push_str("</td></tr></tbody></table>");
+}
+
+fn devices(out: &mut String, page: &StatusPage) {
+    out.push_str(
+        "<h2>Devices</h2><table id=\"devices\"><thead><tr><th>Device</th><th>Source</th><th>State</th>\
+         <th>Last reading</th><th>Measured</th><th>Last values</th><th>Readings</th><th>Recent errors</th></tr></thead><tbody>",
+    );
+    if page.devices.is_empty() {
+        out.push_str("<tr><td colspan=\"8\">no devices configured or seen yet</td></tr>");
+    }
+    for d in &page.devices {
+        let class = match d.state {
+            DeviceState::Up => "up",
+            DeviceState::Down => "down",
+            DeviceState::Receiving => "receiving",
+            DeviceState::Quiet => "quiet",
+            DeviceState::Unknown => "unknown",
+        };
+        let _ = write!(
+            out,
+            "<tr class=\"device\" data-device=\"{}\"><td class=\"name\">{}{}</td><td>{}</td><td class=\"state {class}\">{}</td><td>{}</td><td>{}</td><td class=\"values\">",
+            escape(&d.name),
+            escape(&d.name),
+            if d.configured { "" } else { " <span class=\"meta\">(not in config)</span>" },
+            d.source,
+            d.state.label(),
+            when(d.last_stored, page.now),
+            when(d.last_measured, page.now),
+        );
+        if d.values.is_empty() {
+            out.push('—');
+        }
+        for (what, value) in &d.values {
+            let _ = write!(
+                out,
+                "<span>{} = <b class=\"value\">{}</b></span>",
+                escape(what),
+                escape(value)
+            );
+        }
+        let _ = write!(
+            out,
+            "</td><td class=\"num\">{} accepted{}</td><td>",
+            d.accepted,
+            if d.rejected > 0 {
+                format!(", {} rejected", d.rejected)
+            } else {
+                String::new()
+            }
+        );
+        errors(out, &d.errors);
+        out.push_str("</td></tr>");
+    }
+    out.push_str("</tbody></table>");
+}
+
+fn channels(out: &mut String, page: &StatusPage) {
+    out.push_str(
+        "<h2>Channels</h2><table id=\"channels\"><thead><tr><th>Channel</th><th>Last update sent</th>\
+         <th>Last confirmed</th><th>Next window</th><th>Queued</th><th>Oldest queued reading</th>\
+         <th>Backlog</th><th>Updates</th><th>Dropped</th></tr></thead><tbody>",
+    );
+    if page.channels.is_empty() {
+        out.push_str("<tr><td colspan=\"9\">no channels configured or seen yet</td></tr>");
+    }
+    for c in &page.channels {
+        let next = match c.next_window {
+            // Past its time: waiting for the connection (or being sent now).
+            Some(t) if t <= page.now => format!("due since {}", duration(to_std(page.now - t))),
+            Some(t) => when(Some(t), page.now),
+            None => "nothing to send".to_owned(),
+        };
+        let backlog = if c.backlog_windows > 0 {
+            format!(
+                "{} in {}",
+                plural(c.backlog_readings, "reading"),
+                plural(c.backlog_windows, "window")
+            )
+        } else {
+            "none".to_owned()
+        };
+        let _ = write!(
+            out,
+            "<tr class=\"channel\" data-channel=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{next}</td><td class=\"num\">{}</td><td>{}</td><td>{backlog}</td><td class=\"num\">{} sent, {} confirmed</td><td>",
+            c.channel,
+            c.channel,
+            when(c.last_sent, page.now),
+            when(c.last_confirmed, page.now),
+            c.queued.map_or("—".to_owned(), |n| n.to_string()),
+            when(c.oldest_queued, page.now),
+            c.sent,
+            c.confirmed,
+        );
+        errors(out, &c.dropped);
+        out.push_str("</td></tr>");
+    }
+    out.push_str("</tbody></table>");
+}
+
+fn plots(out: &mut String, page: &StatusPage) {
+    out.push_str("<h2>Last hour</h2>");
+    if page.plots.is_empty() {
+        out.push_str("<p>No numbers stored in the last hour.</p>");
+        return;
+    }
+    out.push_str("<div class=\"plots\">");
+    for p in &page.plots {
+        let title = format!("channel {} {}", p.channel, p.target);
+        let last = p
+            .buckets
+            .last()
+            .map(|b| tsgw_core::Value::Number(b.mean()).to_string())
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "<figure class=\"plot\" data-channel=\"{}\" data-target=\"{}\">{}<figcaption>{} · last 30 s mean {}</figcaption></figure>",
+            p.channel,
+            p.target,
+            plot::svg(&title, &p.buckets, page.now),
+            escape(&title),
+            escape(&last)
+        );
+    }
+    out.push_str("</div>");
+    if page.unplotted > 0 {
+        let _ = write!(
+            out,
+            "<p class=\"meta\">{} numbers of further fields are not plotted (too many fields).</p>",
+            page.unplotted
+        );
+    }
+}
+
+fn queue(out: &mut String, page: &StatusPage) {
+    let q = &page.queue;
+    out.push_str("<h2>Queue</h2><table id=\"queue\"><tbody><tr><th>State</th><td>");
+    if q.open.phase == OpenPhase::Open {
+        let _ = write!(out, "open (opening took {})", duration(q.open.elapsed));
+    } else {
+        let _ = write!(
+            out,
+            "opening: {} for {}{}",
+            q.open.phase.describe(),
+            duration(q.open.elapsed),
+            if q.open.items > 0 {
+                format!(", {} readings so far", q.open.items)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let fill = if q.max_bytes > 0 {
+        format!(
+            " ({:.1} % of {})",
+            q.bytes as f64 * 100.0 / q.max_bytes as f64,
+            bytes(q.max_bytes)
+        )
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        out,
+        "</td></tr><tr><th>Readings</th><td class=\"num\">{}</td></tr><tr><th>Bytes</th><td>{}{fill}</td></tr>\
+         <tr><th>Oldest reading</th><td>{}</td></tr><tr><th>Disk</th><td>{} in {}{}</td></tr><tr><th>Dropped</th><td>",
+        q.readings,
+        bytes(q.bytes),
+        q.oldest_age.map_or("—".to_owned(), |a| format!("{} old", duration(a))),
+        q.disk_used.map_or("?".to_owned(), bytes),
+        escape(&q.dir.display().to_string()),
+        q.disk_free.map_or(String::new(), |f| format!(", {} free", bytes(f))),
+    );
+    errors(out, &q.drops);
+    if q.quarantined > 0 {
+        let _ = write!(
+            out,
+            "<div>stores moved aside as unreadable: {}</div>",
+            q.quarantined
+        );
+    }
+    out.push_str("</td></tr></tbody></table>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::status::snapshot::{DeviceRow, QueueView, UpstreamView};
+    use chrono::TimeZone;
+    use tsgw_core::SourceKind;
+    use tsgw_queue::OpenState;
+
+    fn page(devices: Vec<DeviceRow>) -> StatusPage {
+        let now = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+        StatusPage {
+            now,
+            started: now - chrono::Duration::seconds(65),
+            devices,
+            channels: Vec::new(),
+            upstream: UpstreamView {
+                connections: vec![("main".into(), true)],
+                last_disconnect: None,
+                disconnects: Vec::new(),
+                last_publish: None,
+                backfill: Vec::new(),
+            },
+            queue: QueueView {
+                open: OpenState {
+                    phase: OpenPhase::Counting,
+                    items: 5000,
+                    elapsed: Duration::from_secs(40),
+                },
+                readings: 3,
+                bytes: 2048,
+                max_bytes: 4096,
+                oldest_age: None,
+                dir: "/var/lib/tsgw".into(),
+                disk_used: Some(10_000),
+                disk_free: None,
+                drops: vec![ErrorCount {
+                    reason: "full".into(),
+                    last_hour: 1,
+                    total: 2,
+                }],
+                quarantined: 0,
+            },
+            plots: Vec::new(),
+            unplotted: 0,
+        }
+    }
+
+    fn device(name: &str, value: &str) -> DeviceRow {
+        DeviceRow {
+            source: SourceKind::Mqtt,
+            name: name.into(),
+            configured: true,
+            state: DeviceState::Receiving,
+            last_stored: None,
+            last_measured: None,
+            values: vec![("1001 status".into(), value.into())],
+            accepted: 1,
+            rejected: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn device_text_is_escaped() {
+        let html = render(
+            &page(vec![device(
+                "<script>x</script>",
+                "\"><img src=x onerror=alert(1)>",
+            )]),
+            Duration::from_secs(10),
+        );
+        assert!(!html.contains("<script>x"), "{html}");
+        assert!(!html.contains("<img"), "{html}");
+        assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"));
+    }
+
+    #[test]
+    fn the_page_refreshes_itself_and_fetches_nothing() {
+        let html = render(&page(vec![device("esp", "21.5")]), Duration::from_secs(10));
+        assert!(html.contains("<meta http-equiv=\"refresh\" content=\"10\">"));
+        assert!(!html.contains("<script"));
+        assert!(!html.contains("http://") || !html.contains("src=\"http"));
+        assert!(html.contains("<b class=\"value\">21.5</b>"));
+        assert!(
+            html.contains("opening: counting queued readings for 40 s, 5000 readings so far"),
+            "{html}"
+        );
+        assert!(html.contains("2.0 KiB (50.0 % of 4.0 KiB)"), "{html}");
+        assert!(html.contains("full: 1 in the last hour (2 in all)"));
+    }
+
+    #[test]
+    fn units_read_naturally() {
+        assert_eq!(duration(Duration::from_secs(5)), "5 s");
+        assert_eq!(duration(Duration::from_secs(125)), "2 min 5 s");
+        assert_eq!(duration(Duration::from_secs(7300)), "2 h 1 min");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}
