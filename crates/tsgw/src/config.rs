@@ -27,8 +27,10 @@ mod describe;
 /// (`TSGW_UPSTREAM__PASSWORD` sets `upstream.password`).
 pub const ENV_PREFIX: &str = "TSGW_";
 
-/// Environment variables with the prefix that are not config keys.
-const NON_CONFIG_ENV: &[&str] = &["config"];
+/// Environment variables with the prefix that are not config keys:
+/// `TSGW_CONFIG` (the file), `TSGW_HTTP_PASSWORD` (`tsgw tail --user`) and
+/// the writer's test hook `TSGW_TEST_WRITER_DELAY_MS`.
+const NON_CONFIG_ENV: &[&str] = &["config", "http_password", "test_writer_delay_ms"];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
