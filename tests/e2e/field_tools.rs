@@ -60,3 +60,196 @@ fn a_file_error_names_the_key_without_a_profile_and_gives_the_line() {
         "{stderr}"
     );
 }
+
+/// A Modbus TCP meter for the probe: unit 1 answers holding registers
+/// 100..=102 with 123.456 as an f32 sent low word first (CDAB) and -200 as
+/// an i16; unit 2 never answers.
+#[derive(Clone)]
+struct Meter;
+
+const METER_WORDS: [u16; 3] = [0xE979, 0x42F6, 0xFF38];
+
+impl tokio_modbus::server::Service for Meter {
+    type Request = tokio_modbus::SlaveRequest<'static>;
+    type Response = tokio_modbus::Response;
+    type Exception = tokio_modbus::ExceptionCode;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Exception>> + Send>,
+    >;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        use tokio_modbus::{ExceptionCode, Request, Response};
+        if req.slave == 2 {
+            return Box::pin(std::future::pending());
+        }
+        Box::pin(std::future::ready(match req.request {
+            Request::ReadHoldingRegisters(start, count)
+                if start >= 100 && u32::from(start) + u32::from(count) <= 103 =>
+            {
+                let from = usize::from(start - 100);
+                Ok(Response::ReadHoldingRegisters(
+                    METER_WORDS[from..from + usize::from(count)].to_vec(),
+                ))
+            }
+            _ => Err(ExceptionCode::IllegalDataAddress),
+        }))
+    }
+}
+
+async fn meter() -> std::net::SocketAddr {
+    use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let on_connected =
+            |stream, peer| async move { accept_tcp_connection(stream, peer, |_| Ok(Some(Meter))) };
+        let _ = Server::new(listener).serve(&on_connected, |_| {}).await;
+    });
+    addr
+}
+
+/// Runs the binary off the async threads (the simulator runs on them).
+async fn tsgw_async(args: Vec<String>) -> (bool, String, String) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            tsgw(&args, &[])
+        }),
+    )
+    .await
+    .expect("tsgw finished in time")
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_modbus_shows_every_decoding_and_the_point_to_paste() {
+    let addr = meter().await;
+    let args = |extra: &[&str]| {
+        ["probe", "modbus", "--tcp", &addr.to_string()]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    let (ok, stdout, stderr) =
+        tsgw_async(args(&["--unit", "1", "--address", "100", "--count", "3"])).await;
+    assert!(ok, "{stderr}");
+    // The negative i16 in the register table.
+    assert!(
+        stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["102", "0xFF38", "65336", "-200"]),
+        "{stdout}"
+    );
+    // The f32 decodes right in CDAB order only.
+    let f32_of = |order: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == ["100", order])
+            .and_then(|l| l.split_whitespace().nth(4))
+            .unwrap_or_else(|| panic!("no {order} row in\n{stdout}"))
+            .to_owned()
+    };
+    assert_eq!(f32_of("CDAB"), "123.456");
+    assert_ne!(f32_of("ABCD"), "123.456");
+    assert!(
+        stdout.contains(r#"{ kind = "holding", address = 100, type = "f32", order = "CDAB", target = "field1" },   # 123.456"#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("transport.tcp.address = \"{addr}\"")),
+        "{stdout}"
+    );
+
+    // A unit that does not answer, and an address the device does not have.
+    let (ok, _, stderr) = tsgw_async(args(&[
+        "--unit",
+        "2",
+        "--address",
+        "100",
+        "--timeout-ms",
+        "300",
+    ]))
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("no answer within 300ms"), "{stderr}");
+    let (ok, _, stderr) = tsgw_async(args(&["--unit", "1", "--address", "500"])).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("exception 0x02 IllegalDataAddress"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_test_polls_each_device_and_names_the_silent_one() {
+    let addr = meter().await;
+    let devices = format!(
+        r#"
+[[modbus]]
+name = "meter"
+unit_id = 1
+channel = 1001
+timeout_ms = 300
+transport.tcp.address = "{addr}"
+points = [
+  {{ kind = "holding", address = 100, type = "f32", order = "CDAB", target = "field1" }},
+  {{ kind = "holding", address = 102, type = "i16", scale = 0.1, target = "field2" }},
+]
+
+[[modbus]]
+name = "silent-unit"
+unit_id = 2
+channel = 1001
+timeout_ms = 300
+retries = 0
+transport.tcp.address = "{addr}"
+points = [{{ kind = "holding", address = 100, type = "u16", target = "field3" }}]
+"#
+    );
+    let (_dir, path) = config_file(&format!("{VALID}{devices}"));
+    let (ok, stdout, stderr) = tsgw_async(vec![
+        "check-config".into(),
+        "--config".into(),
+        path.clone(),
+        "--test".into(),
+    ])
+    .await;
+    assert!(!ok, "a silent unit must fail the test:\n{stdout}");
+    assert!(
+        stderr.contains("device \"silent-unit\" did not answer"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("modbus \"meter\" (unit 1 on {addr}): answered")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would queue: channel 1001 field1 = 123.456"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would queue: channel 1001 field2 = -20 "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "modbus \"silent-unit\" (unit 2 on {addr}): DID NOT ANSWER"
+        )),
+        "{stdout}"
+    );
+
+    // Without the silent unit the test passes.
+    let only_meter = devices
+        .split("[[modbus]]\nname = \"silent-unit\"")
+        .next()
+        .unwrap();
+    let (_dir, path) = config_file(&format!("{VALID}{only_meter}"));
+    let (ok, stdout, stderr) = tsgw_async(vec![
+        "check-config".into(),
+        "--config".into(),
+        path,
+        "--test".into(),
+    ])
+    .await;
+    assert!(ok, "{stdout}\n{stderr}");
+}

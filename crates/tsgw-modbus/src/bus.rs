@@ -45,6 +45,8 @@ pub(crate) struct Unit {
     failures: u32,
     /// Per block: whether its last read got an exception (logged once, not every cycle).
     block_failing: Vec<bool>,
+    /// What went wrong in the last cycle, in words (for `check-config --test`).
+    problems: Vec<String>,
 }
 
 impl Unit {
@@ -62,6 +64,7 @@ impl Unit {
             retries: cfg.retries,
             next_due: Instant::now(),
             failures: 0,
+            problems: Vec::new(),
         }
     }
 
@@ -132,11 +135,26 @@ impl Bus {
                 break;
             }
         }
+        self.close().await;
+    }
+
+    /// Closes the connection or port, if open.
+    pub(crate) async fn close(&mut self) {
         if let Some(mut ctx) = self.ctx.take() {
             use tokio_modbus::client::Client as _;
             // Best effort: a polite close; the drop closes the socket or port anyway.
             let _ = tokio::time::timeout(Duration::from_secs(1), ctx.disconnect()).await;
         }
+    }
+
+    /// One poll cycle of unit `index` now, and what went wrong in it.
+    pub(crate) async fn poll_once_for_report(&mut self, index: usize) -> Vec<String> {
+        // The readings channel has room for the whole cycle, so it cannot be closed.
+        let _ = self.poll(index).await;
+        self.units
+            .get_mut(index)
+            .map(|u| std::mem::take(&mut u.problems))
+            .unwrap_or_default()
     }
 
     fn next_unit(&self) -> Option<usize> {
@@ -162,6 +180,7 @@ impl Bus {
             1
         };
         let blocks = unit.blocks.clone();
+        self.units[index].problems.clear();
         let mut answered = false;
         let mut failure: Option<(Failure, String)> = None;
         for (b, block) in blocks.iter().enumerate() {
@@ -222,6 +241,7 @@ impl Bus {
                     } else {
                         warn!(device = %name, "{message}");
                     }
+                    self.units[index].problems.push(message);
                 }
                 Outcome::Failed(kind, message) => {
                     // The unit (or the link) is gone: leave the bus to the others.
@@ -243,6 +263,8 @@ impl Bus {
                 unit.next_due = (unit.next_due + unit.interval).max(now);
             }
             Some((kind, message)) => {
+                unit.problems
+                    .push(format!("not answering: {} ({message})", kind.kind()));
                 unit.failures = unit.failures.saturating_add(1);
                 up.set(0);
                 let backoff = unit.backoff();

@@ -11,6 +11,9 @@
 //! other. Device failures (timeouts, exceptions, broken connections) are
 //! counted in `tsgw_device_errors_total{source="modbus"}` and never stop other
 //! devices; only config errors stop [`spawn_devices`].
+//!
+//! [`once`] reads a block or polls a device a single time, for the
+//! installer's tools (`tsgw probe modbus`, `tsgw check-config --test`).
 
 mod bus;
 pub mod config;
@@ -18,6 +21,7 @@ pub mod decode;
 mod error;
 mod fresh_input;
 mod link;
+pub mod once;
 pub mod plan;
 
 use std::collections::{BTreeMap, HashSet};
@@ -73,15 +77,11 @@ fn group_into_buses(
                 message: "another modbus device has the same name".to_owned(),
             });
         }
-        let (key, endpoint) = match &device.transport {
-            ModbusTransport::Tcp(tcp) => (
-                (0, tcp.address.as_str()),
-                Endpoint::Tcp {
-                    address: tcp.address.clone(),
-                },
-            ),
-            ModbusTransport::Rtu(rtu) => ((1, rtu.path.as_str()), Endpoint::Rtu(rtu.clone())),
+        let key = match &device.transport {
+            ModbusTransport::Tcp(tcp) => (0, tcp.address.as_str()),
+            ModbusTransport::Rtu(rtu) => (1, rtu.path.as_str()),
         };
+        let endpoint = Endpoint::from(&device.transport);
         match buses.get_mut(&key) {
             Some((first, members)) => {
                 if *first != endpoint {

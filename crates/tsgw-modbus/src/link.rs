@@ -8,7 +8,7 @@ use tokio::time::timeout;
 use tokio_modbus::client::{rtu, tcp, Client, Context};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
-use crate::config::{Parity, RegisterKind, RtuConfig};
+use crate::config::{ModbusTransport, Parity, RegisterKind, RtuConfig};
 use crate::decode::BlockData;
 use crate::fresh_input::FreshInput;
 use crate::plan::ReadBlock;
@@ -62,6 +62,17 @@ pub(crate) fn unit_unreachable(code: ExceptionCode) -> bool {
         code,
         ExceptionCode::GatewayPathUnavailable | ExceptionCode::GatewayTargetDevice
     )
+}
+
+impl From<&ModbusTransport> for Endpoint {
+    fn from(transport: &ModbusTransport) -> Self {
+        match transport {
+            ModbusTransport::Tcp(tcp) => Endpoint::Tcp {
+                address: tcp.address.clone(),
+            },
+            ModbusTransport::Rtu(rtu) => Endpoint::Rtu(rtu.clone()),
+        }
+    }
 }
 
 impl Endpoint {

@@ -7,6 +7,9 @@
 //! an unplugged adapter neither stops the gateway nor burns a core. See the
 //! crate's README for the config and a worked example.
 //!
+//! [`once`] opens a port by hand for the installer's tools (`tsgw probe
+//! serial`, `tsgw check-config --test`).
+//!
 //! [`PayloadFormat`]: tsgw_core::extract::PayloadFormat
 
 mod backoff;
@@ -16,6 +19,7 @@ mod escape;
 /// The bounded line framer, public for the fuzz target `serial_framing`; not
 /// needed to run ports (see [`spawn_ports`]).
 pub mod framing;
+pub mod once;
 mod port;
 
 use std::collections::HashMap;

@@ -180,22 +180,8 @@ impl PortTask {
         }
     }
 
-    /// Opens the port on the blocking pool: `open(2)` on a tty can stall on some drivers.
     async fn open(&self) -> Result<SerialStream, tokio_serial::Error> {
-        let c = &self.config;
-        let builder = tokio_serial::new(self.resolved.path.clone(), c.baud)
-            .data_bits(c.data_bits.into())
-            .parity(c.parity.into())
-            .stop_bits(c.stop_bits.into())
-            .flow_control(c.flow_control.into())
-            .exclusive(c.exclusive);
-        match tokio::task::spawn_blocking(move || SerialStream::open(&builder)).await {
-            Ok(result) => result,
-            Err(join) => Err(tokio_serial::Error::new(
-                tokio_serial::ErrorKind::Unknown,
-                format!("opening task failed: {join}"),
-            )),
-        }
+        open_port(&self.config, &self.resolved.path).await
     }
 
     /// Reads (and polls) until the port is lost or the task must stop.
@@ -358,6 +344,27 @@ impl PortTask {
         } else {
             debug!(port = %self.name, "{message}");
         }
+    }
+}
+
+/// Opens `path` with the port's line settings, on the blocking pool:
+/// `open(2)` on a tty can stall on some drivers.
+pub(crate) async fn open_port(
+    c: &SerialPortConfig,
+    path: &str,
+) -> Result<SerialStream, tokio_serial::Error> {
+    let builder = tokio_serial::new(path.to_owned(), c.baud)
+        .data_bits(c.data_bits.into())
+        .parity(c.parity.into())
+        .stop_bits(c.stop_bits.into())
+        .flow_control(c.flow_control.into())
+        .exclusive(c.exclusive);
+    match tokio::task::spawn_blocking(move || SerialStream::open(&builder)).await {
+        Ok(result) => result,
+        Err(join) => Err(tokio_serial::Error::new(
+            tokio_serial::ErrorKind::Unknown,
+            format!("opening task failed: {join}"),
+        )),
     }
 }
 

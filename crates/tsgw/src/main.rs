@@ -5,6 +5,7 @@ mod demo;
 mod gateway;
 mod ops;
 mod pipeline;
+mod probe;
 mod tail;
 
 use std::path::PathBuf;
@@ -47,7 +48,19 @@ enum Command {
             default_value = "/etc/tsgw/gateway.toml"
         )]
         config: PathBuf,
+        /// Also poll every [[serial]] and [[modbus]] device once and print the
+        /// readings it would queue; exits non-zero naming any device that did
+        /// not answer. Stop a running gateway first: it holds the serial ports.
+        #[arg(long)]
+        test: bool,
+        /// With --test: how long a serial device that talks by itself gets to
+        /// print a line, seconds.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
     },
+    /// Read a device once to learn how to configure it.
+    #[command(subcommand)]
+    Probe(ProbeCommand),
     /// Hash a password for `[mqtt.users]` (or `[http.users]`): reads it from
     /// standard input and prints the line to paste into the config.
     Passwd {
@@ -89,10 +102,25 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ProbeCommand {
+    /// Read a block of registers or coils once and show every decoding
+    /// (u16/i16, u32/i32/f32 in each word order, f64), then the [[modbus]] lines to paste.
+    Modbus(probe::modbus::ModbusProbe),
+    /// Print the lines a serial device sends, with what the parser makes of each.
+    Serial(probe::serial::SerialProbe),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { config, test, wait } => check_config(config, test, wait),
+        Command::Probe(ProbeCommand::Modbus(p)) => {
+            runtime().and_then(|rt| rt.block_on(probe::modbus::run(p)))
+        }
+        Command::Probe(ProbeCommand::Serial(p)) => {
+            runtime().and_then(|rt| rt.block_on(probe::serial::run(p)))
+        }
         Command::Run { config } => run(config),
         Command::Passwd { user } => passwd(&user),
         Command::Tail {
@@ -130,14 +158,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn check_config(path: PathBuf) -> anyhow::Result<()> {
+fn check_config(path: PathBuf, test: bool, wait: u64) -> anyhow::Result<()> {
     let config = GatewayConfig::load(&path)?;
-    println!(
-        "# {} is valid. Effective config (secrets masked):",
-        path.display()
-    );
-    print!("{}", config.to_masked_toml()?);
-    Ok(())
+    if !test {
+        println!(
+            "# {} is valid. Effective config (secrets masked):",
+            path.display()
+        );
+        print!("{}", config.to_masked_toml()?);
+        return Ok(());
+    }
+    println!("# {} is valid. Polling each device once:", path.display());
+    let results = runtime()?.block_on(probe::devices::test_devices(
+        &config,
+        std::time::Duration::from_secs(wait),
+    ));
+    print!("{}", probe::devices::render(&results));
+    probe::devices::verdict(&results)
 }
 
 fn passwd(user: &str) -> anyhow::Result<()> {
