@@ -96,7 +96,7 @@ impl tokio_modbus::server::Service for Meter {
     }
 }
 
-async fn meter() -> std::net::SocketAddr {
+pub(crate) async fn meter() -> std::net::SocketAddr {
     use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -252,4 +252,115 @@ points = [{{ kind = "holding", address = 100, type = "u16", target = "field3" }}
     ])
     .await;
     assert!(ok, "{stdout}\n{stderr}");
+}
+
+/// `tsgw tail` as a child process, its output lines collected by threads.
+struct Tail {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Tail {
+    fn start(http: std::net::SocketAddr, extra: &[&str]) -> Tail {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsgw"))
+            .args(["tail", "--addr", &http.to_string()])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tsgw tail starts");
+        let collect = |reader: Box<dyn std::io::Read + Send>| {
+            let sink = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let lines = sink.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(reader).lines() {
+                    let Ok(line) = line else { return };
+                    lines.lock().unwrap().push(line);
+                }
+            });
+            sink
+        };
+        let lines = collect(Box::new(child.stdout.take().unwrap()));
+        let log = collect(Box::new(child.stderr.take().unwrap()));
+        Tail { child, lines, log }
+    }
+
+    /// Waits for an output line (stdout, or stderr with `log`) containing `text`.
+    async fn wait_for(&self, text: &str, log: bool) {
+        let deadline = tokio::time::Instant::now() + crate::common::WAIT;
+        let source = if log { &self.log } else { &self.lines };
+        loop {
+            if source.lock().unwrap().iter().any(|l| l.contains(text)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tsgw tail never printed {text:?}; stdout: {:?}; stderr: {:?}",
+                self.lines.lock().unwrap(),
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_readings_as_they_enter_the_queue() {
+    use crate::common::*;
+    let emulator = emulator(std::time::Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &config_toml(&emulator, dir.path(), 1.0, ""));
+    let gateway = Gateway::start(&config);
+    let all = Tail::start(gateway.http, &[]);
+    let only_1001 = Tail::start(gateway.http, &["--channel", "1001"]);
+    // Following before anything is published: nothing published after is missed.
+    all.wait_for("following readings", true).await;
+    only_1001.wait_for("following readings", true).await;
+
+    let esp = device(gateway.mqtt, "esp-kitchen").await;
+    publish(&esp, "channels/1002/publish", "field4=7.5").await;
+    publish(&esp, "sensors/kitchen/json", r#"{"t": 19.25}"#).await;
+    all.wait_for("mqtt/drop_in channel 1002 field4 = 7.5", false)
+        .await;
+    all.wait_for("mqtt/json-sensor channel 1001 field1 = 19.25", false)
+        .await;
+    only_1001
+        .wait_for("mqtt/json-sensor channel 1001 field1 = 19.25", false)
+        .await;
+    let filtered = only_1001.lines.lock().unwrap().clone();
+    assert!(
+        filtered.iter().all(|l| l.contains("channel 1001")),
+        "{filtered:?}"
+    );
+    // Each line starts with the measured time.
+    let line = all.lines.lock().unwrap()[0].clone();
+    let time = line.split_whitespace().next().unwrap();
+    assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{line}");
+
+    // The tail ends cleanly when the gateway stops.
+    let mut all = all;
+    gateway.stop();
+    let deadline = std::time::Instant::now() + crate::common::WAIT;
+    let status = loop {
+        if let Some(status) = all.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tsgw tail outlived the gateway"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    all.wait_for("the gateway closed the feed", true).await;
 }

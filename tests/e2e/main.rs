@@ -12,3 +12,4 @@ mod field_tools;
 mod in_doubt;
 mod local_broker;
 mod operations;
+mod status_page;

@@ -109,13 +109,22 @@ fn range(buckets: &[Bucket]) -> (f64, f64) {
     }
 }
 
-/// A value label short enough for the margin.
+/// A value label short enough for the margin: four significant digits.
 fn short(v: f64) -> String {
-    let text = tsgw_core::Value::Number(v).to_string();
-    if text.len() <= 7 {
-        text
+    let magnitude = v.abs();
+    if magnitude != 0.0 && !(1e-3..1e6).contains(&magnitude) {
+        return format!("{v:.2e}");
+    }
+    let digits = if magnitude == 0.0 {
+        0
     } else {
-        format!("{v:.3e}")
+        (3 - magnitude.log10().floor() as i32).clamp(0, 6) as usize
+    };
+    let text = format!("{v:.digits$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        text
     }
 }
 
@@ -132,6 +141,16 @@ mod tests {
             sum: min + max,
             count: 2,
         }
+    }
+
+    #[test]
+    fn labels_keep_four_significant_digits() {
+        assert_eq!(short(123.456001282), "123.5");
+        assert_eq!(short(24.675), "24.68");
+        assert_eq!(short(-20.0), "-20");
+        assert_eq!(short(0.0), "0");
+        assert_eq!(short(0.012345), "0.01235");
+        assert_eq!(short(12_345_678.0), "1.23e7");
     }
 
     #[test]
