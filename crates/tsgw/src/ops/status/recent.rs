@@ -61,6 +61,20 @@ pub struct DeviceRecent {
     pub readings: u64,
 }
 
+impl DeviceRecent {
+    fn update(&mut self, reading: &Reading, now: DateTime<Utc>) {
+        self.last_stored = now;
+        self.last_measured = self.last_measured.max(reading.measured_at);
+        self.readings += 1;
+        let key = (reading.channel, reading.target);
+        if let Some(value) = self.values.get_mut(&key) {
+            value.clone_from(&reading.value);
+        } else if self.values.len() < MAX_VALUES_PER_DEVICE {
+            self.values.insert(key, reading.value.clone());
+        }
+    }
+}
+
 /// One plot bucket: the numbers measured in `[start, start + BUCKET_SECS)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bucket {
@@ -159,7 +173,12 @@ impl Tracker {
     }
 
     fn device(&mut self, reading: &Reading, now: DateTime<Utc>) {
-        if !self.devices.contains_key(&reading.origin) && self.devices.len() >= MAX_DEVICES {
+        // The common case, a known device, allocates nothing.
+        if let Some(device) = self.devices.get_mut(&reading.origin) {
+            device.update(reading, now);
+            return;
+        }
+        if self.devices.len() >= MAX_DEVICES {
             let quietest = self
                 .devices
                 .iter()
@@ -169,22 +188,14 @@ impl Tracker {
                 self.devices.remove(&origin);
             }
         }
-        let device = self
-            .devices
-            .entry(reading.origin.clone())
-            .or_insert_with(|| DeviceRecent {
-                last_stored: now,
-                last_measured: reading.measured_at,
-                values: BTreeMap::new(),
-                readings: 0,
-            });
-        device.last_stored = now;
-        device.last_measured = device.last_measured.max(reading.measured_at);
-        device.readings += 1;
-        let key = (reading.channel, reading.target);
-        if device.values.contains_key(&key) || device.values.len() < MAX_VALUES_PER_DEVICE {
-            device.values.insert(key, reading.value.clone());
-        }
+        let mut device = DeviceRecent {
+            last_stored: now,
+            last_measured: reading.measured_at,
+            values: BTreeMap::new(),
+            readings: 0,
+        };
+        device.update(reading, now);
+        self.devices.insert(reading.origin.clone(), device);
     }
 
     fn plot(&mut self, reading: &Reading, number: f64, now: DateTime<Utc>) {
