@@ -67,6 +67,14 @@ pub fn config_toml(
 ) -> String {
     let tls = emulator.tls_addr().expect("emulator TLS listener");
     let ca = emulator.ca_file().expect("emulator CA file");
+    // REST calls (reads for updates in doubt) go to the emulator, never out.
+    let rest = match emulator.http_addr() {
+        Some(http) => format!(
+            "rest_host = \"127.0.0.1\"\nrest_port = {}\nrest_tls = false",
+            http.port()
+        ),
+        None => "read_api = false".into(),
+    };
     format!(
         r#"
 [upstream]
@@ -81,6 +89,7 @@ update_interval_secs = {interval_secs}
 keep_alive_secs = 5
 reconnect_min_secs = 0.2
 reconnect_max_secs = 1.0
+{rest}
 
 [queue]
 dir = {queue:?}

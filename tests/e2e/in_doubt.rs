@@ -113,7 +113,6 @@ async fn emulator_fast_bulk() -> thingspeak_emulator::EmulatorHandle {
 
 async fn kill_loop(read_key: bool) {
     let emulator = emulator_fast_bulk().await;
-    let http = emulator.http_addr().expect("emulator HTTP listener");
     let key = if read_key {
         format!("read_key = \"READKEY{CH:09}\"")
     } else {
@@ -133,10 +132,8 @@ write_key = "WRITEKEY{CH:08}"
     text = text.replacen(
         "[queue]",
         &format!(
-            "confirm_timeout_secs = {}\nread_api = true\nrest_host = \"127.0.0.1\"\n\
-             rest_port = {}\nrest_tls = false\nbulk_interval_secs = {}\n\n[queue]",
+            "confirm_timeout_secs = {}\nread_api = true\nbulk_interval_secs = {}\n\n[queue]",
             CONFIRM_TIMEOUT.as_secs_f64(),
-            http.port(),
             BULK_INTERVAL.as_secs_f64()
         ),
         1,

@@ -131,6 +131,7 @@ update_interval_secs = {interval_secs}
 keep_alive_secs = 10
 reconnect_min_secs = {reconnect_min:?}
 reconnect_max_secs = {reconnect_max:?}
+{reads}
 {upstream_extra}
 
 [queue]
@@ -166,6 +167,13 @@ format = "json"
         reconnect_min = upstream.reconnect_secs.0,
         reconnect_max = upstream.reconnect_secs.1,
         upstream_extra = upstream.extra,
+        // Without a REST endpoint of the emulator's, reads for updates in
+        // doubt would go to api.thingspeak.com: the MQTT evidence only.
+        reads = if upstream.extra.contains("rest_host") {
+            ""
+        } else {
+            "read_api = false"
+        },
         queue = queue_dir.display().to_string(),
     )
 }

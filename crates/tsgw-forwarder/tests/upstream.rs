@@ -91,6 +91,9 @@ fn config(emu: &EmulatorHandle, transport: Transport, interval_secs: f64) -> Ups
         reconnect_min_secs: 0.1,
         reconnect_max_secs: 0.5,
         channels: BTreeMap::new(),
+        // Reads for updates in doubt would go to the default rest_host
+        // (api.thingspeak.com): off unless a test points REST at the emulator.
+        read_api: false,
         ..UpstreamConfig::default()
     }
 }
@@ -1010,4 +1013,80 @@ async fn single_field_updates_use_the_field_feed_topic_when_enabled() {
     assert_eq!(entries[1].get(field(1)), Some("1"));
     assert_eq!(entries[1].get(field(2)), Some("2"));
     assert_eq!(emu.counters().closed_invalid, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_the_device_may_not_write_is_parked_and_the_others_keep_flowing() {
+    let good = ch(9101);
+    let bad = ch(9102);
+    // Both channels exist, but the device may write only `good`: ThingSpeak
+    // (the emulator) closes the connection on a publish to `bad`.
+    let emu = Emulator::builder()
+        .tls("127.0.0.1:0")
+        .default_interval(Duration::from_secs(1))
+        .channel(ChannelSpec::new(good, "W9101", "R9101"))
+        .channel(ChannelSpec::new(bad, "W9102", "R9102"))
+        .device(DeviceSpec::new("gw-client", "gw-user", "gw-pass", [good]))
+        .start()
+        .await
+        .expect("emulator starts");
+    let store = Arc::new(FakeStore::default());
+    let fwd = start(config(&emu, Transport::Tls, 1.0), store.clone());
+    let parked = |m: &Metrics| {
+        m.channel_parked_total
+            .with_label_values(&[&bad.to_string(), "closed_after_publish"])
+            .get()
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut i = 0u32;
+    while parked(&fwd.metrics) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not parked in time; emulator {:?}",
+            emu.counters()
+        );
+        tick.tick().await;
+        push(&store, good, field(1), Value::Number(f64::from(i)));
+        push(&store, bad, field(1), Value::Number(f64::from(i)));
+        i += 1;
+    }
+    let closes = emu.counters().closed_invalid;
+    assert_eq!(closes, 3, "parked after three closes in a row");
+    // From the park on, the good channel gets every window at full rate and
+    // the connection stays up; the bad channel's readings stay queued.
+    let since = Utc::now();
+    for _ in 0..50 {
+        tick.tick().await;
+        push(&store, good, field(1), Value::Number(f64::from(i)));
+        push(&store, bad, field(1), Value::Number(f64::from(i)));
+        i += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = fwd.metrics.clone();
+    fwd.stop().await;
+    let counters = emu.counters();
+    assert_eq!(counters.closed_invalid, closes, "no close while parked");
+    assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
+    let good_after = emu
+        .entries(good)
+        .iter()
+        .filter(|e| e.created_at() >= window_of(since, 1000))
+        .count();
+    assert!(
+        good_after >= 4,
+        "{good_after} updates of the good channel in the 5 s after the park"
+    );
+    assert!(emu.entries(bad).is_empty());
+    assert!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), bad).unwrap() >= 50,
+        "the parked channel's readings stay queued"
+    );
+    assert_eq!(
+        metrics
+            .channel_parked
+            .with_label_values(&[&bad.to_string()])
+            .get(),
+        1
+    );
 }

@@ -81,6 +81,8 @@ client_id = "tsgw-demo"
 username = "tsgw-demo"
 password = "demo-password"
 update_interval_secs = {interval}
+# The demo's emulator serves no REST reads (never reach api.thingspeak.com).
+read_api = false
 
 [queue]
 dir = {queue:?}
