@@ -93,6 +93,9 @@ pub(super) struct Evidence {
     pub(super) read: ReadState,
     /// Oldest first.
     pub(super) doubts: Vec<Doubt>,
+    /// Windows the read API showed absent, counted once (a window not yet
+    /// sent is decided afresh on every pass).
+    pub(super) absent: BTreeSet<DateTime<Utc>>,
 }
 
 impl Evidence {
@@ -215,9 +218,15 @@ impl Forwarder {
                     Verdict::Settled
                 }
                 None => {
-                    self.count_doubt(channel, "not_stored");
-                    tracing::debug!(%channel, created_at = %thingspeak::format_timestamp(&created_at),
-                        "the read API shows no entry at this created_at; sending it");
+                    let absent = &mut self.evidence.entry(channel).or_default().absent;
+                    if absent.insert(created_at) {
+                        while absent.len() > SEEN_MEMORY {
+                            absent.pop_first();
+                        }
+                        self.count_doubt(channel, "not_stored");
+                        tracing::debug!(%channel, created_at = %thingspeak::format_timestamp(&created_at),
+                            "the read API shows no entry at this created_at; sending it");
+                    }
                     Verdict::Send {
                         maybe_stored: false,
                     }

@@ -633,6 +633,8 @@ async fn the_read_api_settles_a_previous_runs_windows_before_sending() {
     });
     f.send_due(later(2)).unwrap();
     f.send_due(later(2)).unwrap();
+    f.next_check.clear();
+    f.send_due(later(2)).unwrap();
     assert_eq!(store.len(), 1, "the stored window is delivered, unsent");
     assert_eq!(doubts(&metrics, "read_api"), 1);
     assert_eq!(doubts(&metrics, "not_stored"), 1);
