@@ -364,3 +364,59 @@ async fn tail_follows_readings_as_they_enter_the_queue() {
     assert!(status.success(), "{status}");
     all.wait_for("the gateway closed the feed", true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_serial_prints_each_line_with_what_the_parser_makes_of_it() {
+    use std::io::BufRead;
+    use tokio::io::AsyncWriteExt;
+    use tokio_serial::SerialPort;
+    let (mut device, port) = tokio_serial::SerialStream::pair().expect("pty pair");
+    let path = port.name().expect("pty path");
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_tsgw"))
+        .args(["probe", "serial", &path, "--lines", "2", "--seconds", "30"])
+        .args([
+            "--parser",
+            r#"{ format = "key_value", fields = { t = "field1", h = "field2" } }"#,
+        ])
+        .env_remove("TSGW_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tsgw probe serial starts");
+    let mut stderr = std::io::BufReader::new(probe.stderr.take().unwrap());
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stderr.read_line(&mut line).map(|_| line)
+    });
+    let opened = tokio::time::timeout(crate::common::WAIT, opened)
+        .await
+        .expect("the probe opened the port in time")
+        .unwrap()
+        .unwrap();
+    assert!(
+        opened.starts_with(&format!("reading {path} at 9600 baud")),
+        "{opened}"
+    );
+    device
+        .write_all(b"t=21.5,h=40\r\nt=22,h\r\n")
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(
+        crate::common::WAIT,
+        tokio::task::spawn_blocking(move || probe.wait_with_output()),
+    )
+    .await
+    .expect("the probe stopped after two lines")
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "\"t=21.5,h=40\"  →  1 field1 = 21.5, 1 field2 = 40",
+            "\"t=22,h\"  →  1 field1 = 22, ! bad_pair: pair \"h\" has no \"=\" separator",
+        ]
+    );
+    drop(port);
+}
