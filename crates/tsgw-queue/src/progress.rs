@@ -95,23 +95,25 @@ impl OpenProgress {
         }
     }
 
-    pub(crate) fn start(&self) {
+    /// Opening began (the queue calls these; public so a caller can show a
+    /// progress in its own tests).
+    pub fn start(&self) {
         let mut times = self.inner.times.lock().unwrap_or_else(|e| e.into_inner());
         *times = (Some(Instant::now()), None);
         drop(times);
         self.enter(OpenPhase::Recovering);
     }
 
-    pub(crate) fn enter(&self, phase: OpenPhase) {
+    pub fn enter(&self, phase: OpenPhase) {
         self.inner.items.store(0, Ordering::Relaxed);
         self.inner.phase.store(phase.as_u8(), Ordering::Relaxed);
     }
 
-    pub(crate) fn add(&self, items: u64) {
+    pub fn add(&self, items: u64) {
         self.inner.items.fetch_add(items, Ordering::Relaxed);
     }
 
-    pub(crate) fn finish(&self) {
+    pub fn finish(&self) {
         let mut times = self.inner.times.lock().unwrap_or_else(|e| e.into_inner());
         times.1 = Some(times.0.map_or(Duration::ZERO, |s| s.elapsed()));
         drop(times);

@@ -71,12 +71,13 @@ impl Gateway {
         // far opening a large queue got.
         let heartbeat = Heartbeat::new();
         heartbeat.beat();
+        let opening = OpenProgress::new();
         let health = Health::new(
             heartbeat.clone(),
             metrics.clone(),
             Duration::from_secs(config.http.ready_upstream_grace_secs),
-        );
-        let opening = OpenProgress::new();
+        )
+        .with_queue_opening(opening.clone());
         let status = StatusService::new(
             &config,
             metrics.clone(),

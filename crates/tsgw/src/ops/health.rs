@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tsgw_core::Metrics;
+use tsgw_queue::{OpenPhase, OpenProgress};
 
 use crate::pipeline::heartbeat::Heartbeat;
 
@@ -18,6 +19,8 @@ pub struct Health {
     started: Instant,
     upstream_grace: Duration,
     last_upstream_seen: Arc<Mutex<Option<Instant>>>,
+    /// While the queue opens, the writer cannot beat: say why.
+    queue_opening: Option<OpenProgress>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,14 +40,33 @@ impl Health {
             started: Instant::now(),
             upstream_grace,
             last_upstream_seen: Arc::new(Mutex::new(None)),
+            queue_opening: None,
         }
+    }
+
+    /// Reports a queue still opening as such, not as a stuck writer.
+    pub fn with_queue_opening(mut self, progress: OpenProgress) -> Self {
+        self.queue_opening = Some(progress);
+        self
     }
 
     /// Alive: the pipeline's writer is making progress.
     pub fn liveness(&self) -> Report {
         let mut reasons = Vec::new();
         let age = self.heartbeat.age();
-        if age > MAX_HEARTBEAT_AGE {
+        let opening = self
+            .queue_opening
+            .as_ref()
+            .map(OpenProgress::state)
+            .filter(|s| !matches!(s.phase, OpenPhase::Open | OpenPhase::NotStarted));
+        if let Some(state) = opening {
+            reasons.push(format!(
+                "the queue is still opening: {} for {}s ({} readings so far)",
+                state.phase.describe(),
+                state.elapsed.as_secs(),
+                state.items
+            ));
+        } else if age > MAX_HEARTBEAT_AGE {
             reasons.push(format!(
                 "queue writer has made no progress for {}s",
                 age.as_secs()
@@ -112,6 +134,34 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_still_opening_is_named_not_a_stuck_writer() {
+        let progress = OpenProgress::new();
+        let health = Health::new(Heartbeat::new(), Metrics::new(), Duration::ZERO)
+            .with_queue_opening(progress.clone());
+        progress.start();
+        progress.enter(OpenPhase::Counting);
+        progress.add(1234);
+        let r = health.liveness();
+        assert!(!r.ok);
+        assert!(
+            r.reasons[0].starts_with("the queue is still opening: counting queued readings for"),
+            "{:?}",
+            r.reasons
+        );
+        assert!(
+            r.reasons[0].ends_with("(1234 readings so far)"),
+            "{:?}",
+            r.reasons
+        );
+        progress.finish();
+        assert!(health
+            .liveness()
+            .reasons
+            .iter()
+            .all(|r| !r.contains("opening")));
+    }
 
     #[test]
     fn readiness_follows_the_upstream_gauge_after_the_grace_period() {
