@@ -172,7 +172,7 @@ fn upstream(out: &mut String, page: &StatusPage) {
                 when(Some(d.seen_at), page.now)
             );
         }
-        None => out.push_str("none since the page began watching"),
+        None => out.push_str("none since the gateway started"),
     }
     out.push_str("</td></tr><tr><th>Disconnects</th><td>");
     errors(out, &u.disconnects);
