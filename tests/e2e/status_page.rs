@@ -317,6 +317,32 @@ parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts
         std::fs::copy(&shot, &docs).unwrap();
     }
 
+    // An upstream connection cut shows with its reason (the page samples
+    // the counters every 10 s).
+    emulator.drop_all_connections();
+    let last_disconnect = |page: &str| {
+        page.split("<th>Last disconnect</th><td>")
+            .nth(1)
+            .and_then(|rest| rest.split("</td>").next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let page = page_until(&gateway, "the last disconnect", |p| {
+        !last_disconnect(p).starts_with("none")
+    })
+    .await;
+    let cell = last_disconnect(&page);
+    // "<reason> (<connection>) at <time>", the reason one that was counted.
+    let (reason, rest) = cell.split_once(" (").unwrap_or_else(|| panic!("{cell}"));
+    assert!(rest.starts_with("127.0.0.1:"), "{cell}");
+    let disconnects = gateway
+        .metric_family("tsgw_upstream_disconnects_total")
+        .await;
+    assert!(
+        disconnects.contains(&format!("reason=\"{reason}\"")),
+        "{cell} vs {disconnects}"
+    );
+
     // http.users, applied by SIGHUP: the page and the feed want a password,
     // /metrics and the health checks do not.
     let hash = {
