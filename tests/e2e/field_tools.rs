@@ -254,6 +254,23 @@ points = [{{ kind = "holding", address = 100, type = "u16", target = "field3" }}
     assert!(ok, "{stdout}\n{stderr}");
 }
 
+/// A `/tail` request whose connection stays open: its status and the stream.
+async fn raw_tail(http: std::net::SocketAddr) -> (u16, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(format!("GET /tail HTTP/1.1\r\nHost: {http}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(crate::common::WAIT, stream.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0);
+    (status, stream)
+}
+
 /// `tsgw tail` as a child process, its output lines collected by threads.
 struct Tail {
     child: std::process::Child,
@@ -346,6 +363,25 @@ async fn tail_follows_readings_as_they_enter_the_queue() {
     let line = all.lines.lock().unwrap()[0].clone();
     let time = line.split_whitespace().next().unwrap();
     assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{line}");
+
+    // Followers are bounded: the two above plus 14 more fill the slots, the
+    // next is refused, and a slot frees when its follower leaves.
+    let mut held = Vec::new();
+    for _ in 0..14 {
+        let (status, stream) = raw_tail(gateway.http).await;
+        assert_eq!(status, 200);
+        held.push(stream);
+    }
+    assert_eq!(raw_tail(gateway.http).await.0, 503);
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while raw_tail(gateway.http).await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a left follower's slot never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     // The tail ends cleanly when the gateway stops.
     let mut all = all;

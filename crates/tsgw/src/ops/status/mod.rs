@@ -54,6 +54,8 @@ pub struct StatusService {
     opening: OpenProgress,
     started: DateTime<Utc>,
     shutdown: CancellationToken,
+    /// Slots for `/tail` followers.
+    followers: Arc<tokio::sync::Semaphore>,
 }
 
 impl StatusService {
@@ -75,6 +77,7 @@ impl StatusService {
             opening,
             started: Utc::now(),
             shutdown,
+            followers: Arc::new(tokio::sync::Semaphore::new(tail::MAX_FOLLOWERS)),
         }
     }
 

@@ -29,8 +29,10 @@ pub const BUCKET_SECS: i64 = 30;
 pub const HISTORY_SECS: i64 = 3600;
 /// Buckets per plotted field (one hour, plus the one being filled).
 pub const BUCKETS: usize = (HISTORY_SECS / BUCKET_SECS) as usize + 1;
-/// Batches the tail feed holds for a follower that reads slowly.
-pub const TAIL_BATCHES: usize = 256;
+/// Batches the tail feed holds for a follower that reads slowly (each up
+/// to the writer's 512 readings: a few MiB at most, and only while someone
+/// follows).
+pub const TAIL_BATCHES: usize = 64;
 
 /// A stored batch, as the tail feed carries it.
 pub type TailBatch = Arc<Vec<Reading>>;

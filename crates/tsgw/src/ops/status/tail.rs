@@ -6,14 +6,16 @@
 //! writer. An empty line every [`KEEPALIVE`] lets both ends notice a dead
 //! connection. The stream ends when the gateway stops.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::Reading;
 
@@ -22,6 +24,10 @@ use super::StatusService;
 
 /// An empty line this often while nothing arrives.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Followers at once; more are refused (503) rather than each costing a
+/// task and a feed receiver without bound.
+pub const MAX_FOLLOWERS: usize = 16;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,36 +79,53 @@ pub fn lines(batch: &TailBatch, filter: &Filter) -> String {
     out
 }
 
+/// One follower's state, moved through the stream.
+struct Follower {
+    feed: broadcast::Receiver<TailBatch>,
+    stop: CancellationToken,
+    filter: Filter,
+    /// Held while the follower is connected.
+    _slot: OwnedSemaphorePermit,
+}
+
 pub async fn handler(
     State(service): State<StatusService>,
     Query(filter): Query<Filter>,
 ) -> Response {
+    let Ok(slot) = service.followers.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_FOLLOWERS} followers already; try again later\n"),
+        )
+            .into_response();
+    };
     // Subscribed before the response goes out: a client that saw the
     // headers misses nothing stored after.
-    let feed = service.recent.subscribe();
-    let stop: CancellationToken = service.shutdown.clone();
-    let stream = futures_util::stream::unfold(
-        (feed, stop, filter),
-        |(mut feed, stop, filter)| async move {
-            loop {
-                let next = tokio::select! {
-                    () = stop.cancelled() => return None,
-                    next = feed.recv() => next,
-                    () = tokio::time::sleep(KEEPALIVE) => {
-                        return Some((Ok::<_, std::convert::Infallible>(Bytes::from_static(b"\n")), (feed, stop, filter)));
-                    }
-                };
-                let chunk = match next {
-                    Ok(batch) => lines(&batch, &filter),
-                    Err(RecvError::Lagged(missed)) => format!("{{\"lagged_batches\":{missed}}}\n"),
-                    Err(RecvError::Closed) => return None,
-                };
-                if !chunk.is_empty() {
-                    return Some((Ok(Bytes::from(chunk)), (feed, stop, filter)));
+    let follower = Follower {
+        feed: service.recent.subscribe(),
+        stop: service.shutdown.clone(),
+        filter,
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(follower, |mut f| async move {
+        loop {
+            let next = tokio::select! {
+                () = f.stop.cancelled() => return None,
+                next = f.feed.recv() => next,
+                () = tokio::time::sleep(KEEPALIVE) => {
+                    return Some((Ok::<_, Infallible>(Bytes::from_static(b"\n")), f));
                 }
+            };
+            let chunk = match next {
+                Ok(batch) => lines(&batch, &f.filter),
+                Err(RecvError::Lagged(missed)) => format!("{{\"lagged_batches\":{missed}}}\n"),
+                Err(RecvError::Closed) => return None,
+            };
+            if !chunk.is_empty() {
+                return Some((Ok(Bytes::from(chunk)), f));
             }
-        },
-    );
+        }
+    });
     (
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
