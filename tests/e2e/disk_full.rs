@@ -78,16 +78,16 @@ fn start_on_tmpfs(flavour: &[&str], mount_point: &Path, config: &Path) -> Gatewa
         ))
         .arg("sh")
         .arg(mount_point)
-        .arg(env!("CARGO_BIN_EXE_tsgw"))
+        .arg(tsgw())
         .arg(config)
         .env("TSGW_QUEUE__MAX_BYTES", MAX_BYTES);
-    Gateway::start_command(command, config)
+    Gateway::start_command(command)
 }
 
 /// `path` as the gateway sees it, inside its mount namespace.
 fn inside(gateway: &Gateway, path: &Path) -> PathBuf {
     let relative = path.strip_prefix("/").expect("absolute path");
-    Path::new(&format!("/proc/{}/root", gateway.child.id())).join(relative)
+    Path::new(&format!("/proc/{}/root", gateway.pid())).join(relative)
 }
 
 /// Writes `path` until the file system says ENOSPC; returns the bytes written.
@@ -302,15 +302,7 @@ async fn fill_the_disk_and_free_it() -> Option<Outcome> {
             && log.contains("No space left on device"),
         "no error line naming the full disk; log:\n{log}"
     );
-    let reopens = || {
-        gateway
-            .logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l["fields"]["message"] == "queue store reopened after a storage error")
-            .count()
-    };
+    let reopens = || gateway.count_log("queue store reopened after a storage error");
     assert!(
         log.contains("queue store still unusable"),
         "the store should be failed and retrying while the disk is full; log:\n{log}"

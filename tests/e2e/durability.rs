@@ -12,7 +12,7 @@ fn slots() -> Vec<(u64, u8)> {
         .collect()
 }
 
-async fn publish_slots(dev: &rumqttc::AsyncClient, round: u32) {
+async fn publish_slots(dev: &Device, round: u32) {
     for (ch, f) in slots() {
         publish(
             dev,
@@ -23,10 +23,7 @@ async fn publish_slots(dev: &rumqttc::AsyncClient, round: u32) {
     }
 }
 
-fn all_slots_delivered(
-    got: &std::collections::BTreeMap<(u64, String), Vec<String>>,
-    round: u32,
-) -> bool {
+fn all_slots_delivered(got: &Delivered, round: u32) -> bool {
     slots().iter().all(|(ch, f)| {
         got.get(&(*ch, format!("field{f}")))
             .is_some_and(|v| v.contains(&format!("{round}{ch}{f}")))
@@ -72,14 +69,11 @@ async fn readings_flushed_before_sigkill_arrive_after_restart() {
 
 /// Round `r` writes the 8 fields of its own channel: a later round cannot
 /// supersede an earlier one's values by merging (last value per field wins).
-async fn publish_round(dev: &rumqttc::AsyncClient, round: usize) {
+async fn publish_round(dev: &Device, round: usize) {
     publish_channel(dev, CHANNELS[round - 1], &round.to_string()).await;
 }
 
-fn round_delivered(
-    got: &std::collections::BTreeMap<(u64, String), Vec<String>>,
-    round: usize,
-) -> bool {
+fn round_delivered(got: &Delivered, round: usize) -> bool {
     channel_delivered(got, CHANNELS[round - 1], &round.to_string())
 }
 

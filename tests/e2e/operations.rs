@@ -122,7 +122,7 @@ async fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     let dir = tempfile::tempdir().unwrap();
     let base = config_toml(&emulator, dir.path(), 1.0, "");
     let config = write_config(dir.path(), &base);
-    let gateway = Gateway::start(&config);
+    let mut gateway = Gateway::start(&config);
     let dev = device(gateway.mqtt, "reloaded").await;
 
     // A new rule arrives by SIGHUP.
@@ -170,15 +170,10 @@ async fn a_taken_mqtt_port_fails_startup_clearly() {
     let emulator = emulator(Duration::from_secs(1)).await;
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let text = config_toml(&emulator, dir.path(), 1.0, "").replace(
-        "listen = \"127.0.0.1:0\"\n\n[[mqtt.rules]]",
-        &format!(
-            "listen = \"{}\"\n\n[[mqtt.rules]]",
-            taken.local_addr().unwrap()
-        ),
-    );
-    let config = write_config(dir.path(), &text);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tsgw"))
+    let mut on_taken_port = config(&emulator, dir.path(), 1.0, "");
+    on_taken_port.mqtt_listen = taken.local_addr().unwrap().to_string();
+    let config = write_config(dir.path(), &on_taken_port.to_toml());
+    let out = std::process::Command::new(tsgw())
         .args(["run", "--config"])
         .arg(&config)
         .output()

@@ -30,14 +30,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
-use rumqttc::QoS;
 use thingspeak_emulator::EmulatorHandle;
 use tsgw_core::{Metrics, ReadingStore, Target, Value};
 use tsgw_queue::{DurableQueue, QueueConfig};
 
-use crate::harness::{
-    self, channel, emulator, gateway_config, metric_sum, AckedDevice, Gateway, CHANNELS,
-};
+use tsgw_testkit::{channel, emulator, metric_sum, AckedDevice, Gateway, CHANNELS};
+
+use crate::harness::{self, gateway_config};
 use crate::stats::Table;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -84,8 +83,8 @@ struct Ledger {
 /// A QoS 1 device publishing its slots' counters, one message in flight.
 struct CrashDevice {
     stop: Arc<AtomicBool>,
+    /// Owns the device: aborting it drops the device, which ends its event loop.
     task: tokio::task::JoinHandle<()>,
-    eventloop: tokio::task::JoinHandle<()>,
 }
 
 impl CrashDevice {
@@ -95,11 +94,7 @@ impl CrashDevice {
         owned: Vec<Slot>,
         ledger: Arc<Mutex<Ledger>>,
     ) -> Result<CrashDevice> {
-        let AckedDevice {
-            client,
-            acks: mut ack_rx,
-            eventloop,
-        } = AckedDevice::connect(broker, &id).await?;
+        let mut device = AckedDevice::connect(broker, &id).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -115,34 +110,29 @@ impl CrashDevice {
                     v
                 };
                 let topic = format!("channels/{}/publish/fields/field{}", slot.0, slot.1);
-                if client
-                    .publish(topic, QoS::AtLeastOnce, false, value.to_string())
+                if device
+                    .publish(&topic, value, value.to_string())
                     .await
                     .is_err()
                 {
                     return;
                 }
-                match tokio::time::timeout(Duration::from_secs(5), ack_rx.recv()).await {
-                    Ok(Some(_)) => {
+                match device.next_ack(Duration::from_secs(5)).await {
+                    Ok(_) => {
                         let mut l = ledger.lock().unwrap_or_else(|p| p.into_inner());
                         l.acked.insert(slot, value);
                         l.acked_count += 1;
                     }
-                    _ => return,
+                    Err(_) => return,
                 }
             }
         });
-        Ok(CrashDevice {
-            stop,
-            task,
-            eventloop,
-        })
+        Ok(CrashDevice { stop, task })
     }
 
     fn halt(self) {
         self.stop.store(true, Ordering::Relaxed);
         self.task.abort();
-        self.eventloop.abort();
     }
 }
 
@@ -265,18 +255,15 @@ pub async fn run(args: CrashArgs, binary: PathBuf) -> Result<String> {
     let emu = emulator(Duration::from_secs_f64(args.interval)).await?;
     let dir = tempfile::tempdir()?;
     let queue_dir = dir.path().join("queue");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config(&emu, &queue_dir, args.interval, args.flush_ms, "")?,
-    )?;
+    let config =
+        gateway_config(&emu, &queue_dir, args.interval, args.flush_ms)?.write(dir.path())?;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut tally = Tally::default();
     let mut expected: BTreeMap<Slot, u64> = BTreeMap::new();
     let mut rng = rand::thread_rng();
 
     for iteration in 0..=args.iterations {
-        let gateway = Gateway::start(&binary, &config)?;
+        let gateway = Gateway::start(&binary, &config, harness::WAIT)?;
         tally
             .restart_ms
             .push(gateway.startup.as_secs_f64() * 1000.0);

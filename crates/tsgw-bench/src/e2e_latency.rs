@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use rumqttc::QoS;
 
-use crate::harness::{self, channel, emulator, gateway_config, Device, Gateway, WAIT};
+use tsgw_testkit::{channel, emulator, Device};
+
+use crate::harness::{self, gateway_config, start_gateway, WAIT};
 use crate::stats::{ms, percentile, Table};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -32,12 +34,8 @@ pub struct LatencyArgs {
 pub async fn run(args: LatencyArgs, binary: PathBuf) -> Result<String> {
     let emu = emulator(Duration::from_secs_f64(args.interval)).await?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config(&emu, &dir.path().join("queue"), args.interval, 1000, "")?,
-    )?;
-    let gateway = Gateway::start(&binary, &config)?;
+    let config = gateway_config(&emu, &dir.path().join("queue"), args.interval, 1000)?;
+    let gateway = start_gateway(&binary, &config, dir.path())?;
     let device = Device::connect(gateway.mqtt, "latency-device", 10).await?;
     // Let the forwarder connect before the first sample.
     tokio::time::sleep(Duration::from_secs(2)).await;

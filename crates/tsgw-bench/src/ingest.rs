@@ -22,7 +22,9 @@ use anyhow::Result;
 use rumqttc::QoS;
 use thingspeak_emulator::EmulatorHandle;
 
-use crate::harness::{self, emulator, gateway_config, metric_sum, Gateway};
+use tsgw_testkit::{emulator, http_get, metric_sum, Gateway};
+
+use crate::harness::{self, gateway_config};
 use crate::load::{self, LoadOutcome, LoadSpec, Probe};
 use crate::stats::{curve_latencies, ms, percentile, Table};
 
@@ -79,19 +81,15 @@ pub fn start_gateway(
     emu: &EmulatorHandle,
     dir: &std::path::Path,
 ) -> Result<Gateway> {
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config(emu, &dir.join("queue"), 1.0, 1000, "")?,
-    )?;
-    Gateway::start(binary, &config)
+    let config = gateway_config(emu, &dir.join("queue"), 1.0, 1000)?;
+    harness::start_gateway(binary, &config, dir)
 }
 
 pub fn probe_metric(gateway: &Gateway, upstream: Upstream) -> Probe {
     let addr = gateway.http;
     Box::new(move || {
         Box::pin(async move {
-            let (_, text) = harness::http_get(addr, "/metrics").await?;
+            let (_, text) = http_get(addr, "/metrics", Duration::from_secs(10)).await?;
             Ok(match upstream {
                 Upstream::Down => metric_sum(&text, "tsgw_queue_readings", &[]),
                 Upstream::Up => metric_sum(&text, "tsgw_readings_total", &["result=\"accepted\""]),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use rumqttc::QoS;
 
-use crate::harness::{cpu_ticks, rss_kib, Device};
+use tsgw_testkit::Device;
+
+use crate::harness::{cpu_ticks, rss_kib};
 use crate::stats::Curve;
 
 #[derive(Debug, Clone)]

@@ -56,7 +56,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let binary = harness::tsgw_binary(cli.tsgw)?;
+    let binary = tsgw_testkit::tsgw_binary(cli.tsgw)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -20,7 +20,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use thingspeak_emulator::EmulatorHandle;
 
-use crate::harness::{self, emulator, mib, CLIENT_ID, PASSWORD, USERNAME};
+use tsgw_testkit::{channel, emulator, Device, CLIENT_ID, PASSWORD, USERNAME};
+
+use crate::harness::{self, mib};
 use crate::ingest::{probe_metric, qos_of, start_gateway, Upstream};
 use crate::load::{self, LoadOutcome, LoadSpec, Probe};
 use crate::stats::Table;
@@ -226,10 +228,10 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
     for (name, extra) in BRIDGES {
         emu.clear_faults();
         let before = emu.counters();
-        let entries_before = emu.entries(harness::channel(1001)).len();
+        let entries_before = emu.entries(channel(1001)).len();
         let m = Mosquitto::start(&args.mosquitto, dir.path(), &emu, extra)?;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let dev = harness::Device::connect(m.addr, "bridge-probe", 10).await?;
+        let dev = Device::connect(m.addr, "bridge-probe", 10).await?;
         dev.publish(
             "channels/1001/publish/fields/field1",
             QoS::AtLeastOnce,
@@ -238,7 +240,7 @@ pub async fn run(args: MosquittoArgs, binary: PathBuf) -> Result<String> {
         .await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = emu.counters();
-        let entries = emu.entries(harness::channel(1001)).len() - entries_before;
+        let entries = emu.entries(channel(1001)).len() - entries_before;
         let log = m.log_lines(&[
             "refused",
             "Connection Refused",

@@ -34,15 +34,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
-use rumqttc::QoS;
 use thingspeak_emulator::{EmulatorHandle, WriteOrigin};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::harness::{
-    self, channel, gateway_config_to, metric_sum, write_key, AckedDevice, Gateway, Upstream,
-    CHANNELS, WAIT,
+use tsgw_testkit::{
+    channel, emulator_builder, metric_sum, write_key, AckedDevice, Gateway, GatewayConfig, Rest,
+    CHANNELS,
 };
+
+use crate::harness::{self, bench_profile, WAIT};
 use crate::stats::Table;
 
 /// ThingSpeak's minimum time between bulk calls of a channel.
@@ -273,8 +274,8 @@ fn window_of(ts_ms: i64, len_secs: u64) -> i64 {
 }
 
 struct LoadDevice {
+    /// Owns the device: when it ends, the device's event loop ends with it.
     task: tokio::task::JoinHandle<()>,
-    eventloop: tokio::task::JoinHandle<()>,
 }
 
 impl LoadDevice {
@@ -290,11 +291,7 @@ impl LoadDevice {
         stop: Arc<AtomicBool>,
     ) -> Result<LoadDevice> {
         let id = format!("outage-dev-{index}");
-        let AckedDevice {
-            client,
-            acks: mut ack_rx,
-            eventloop,
-        } = AckedDevice::connect(broker, &id).await?;
+        let mut device = AckedDevice::connect(broker, &id).await?;
         let task = tokio::spawn(async move {
             // Devices are staggered within a period so they do not publish in step.
             let phase = index as f64 / devices as f64;
@@ -318,20 +315,13 @@ impl LoadDevice {
                 let payload = format!(r#"{{"ts":{ts},"c":1,"one":1,"n":{seq}}}"#);
                 let topic = format!("outage/{ch}/{id}");
                 let outcome = async {
-                    client
-                        .publish(topic, QoS::AtLeastOnce, false, payload)
-                        .await
-                        .map_err(|e| format!("publish: {e}"))?;
-                    match tokio::time::timeout(WAIT, ack_rx.recv()).await {
-                        Ok(Some(_)) => Ok(()),
-                        Ok(None) => Err("connection to the gateway lost".to_owned()),
-                        Err(_) => Err(format!("no PUBACK within {WAIT:?}")),
-                    }
+                    device.publish(&topic, i, payload).await?;
+                    device.next_ack(WAIT).await
                 }
                 .await;
                 let mut l = Ledger::lock(&ledger);
                 match outcome {
-                    Ok(()) => {
+                    Ok(_) => {
                         l.acked += 1;
                         l.windows
                             .entry((ch, window_of(ts, interval)))
@@ -350,13 +340,14 @@ impl LoadDevice {
                 i += 1;
             }
         });
-        Ok(LoadDevice { task, eventloop })
+        Ok(LoadDevice { task })
     }
 
     /// Lets the message in flight finish (its PUBACK) and stops.
-    async fn stop(self) {
-        let _ = tokio::time::timeout(WAIT, self.task).await;
-        self.eventloop.abort();
+    async fn stop(mut self) {
+        if tokio::time::timeout(WAIT, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
     }
 }
 
@@ -570,9 +561,9 @@ pub async fn run(args: OutageArgs, binary: PathBuf) -> Result<String> {
     }
     let started = Instant::now();
     let machine_before = harness::machine_summary();
-    harness::crypto();
+    tsgw_testkit::crypto();
     let interval = Duration::from_secs(args.interval);
-    let emu = harness::emulator_builder(interval)
+    let emu = emulator_builder(interval)
         .tls("127.0.0.1:0")
         .https("127.0.0.1:0")
         .bulk_interval(Duration::from_secs(BULK_INTERVAL_SECS))
@@ -610,24 +601,16 @@ parser = {{ format = "json", fields = {{ "/c" = "field1", "/one" = "field2", "/n
             key = write_key(id),
         ));
     }
-    let upstream = Upstream {
-        port: mqtt_link.addr.port(),
-        ca,
-        reconnect_secs: (1.0, args.reconnect_max_secs),
-        extra: &upstream_extra,
-    };
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config_to(
-            &upstream,
-            &dir.path().join("queue"),
-            args.interval as f64,
-            1000,
-            &extra,
-        ),
-    )?;
-    let mut gateway = Gateway::start(&binary, &config)?;
+    let mut config = bench_profile(
+        GatewayConfig::to_upstream(mqtt_link.addr.port(), ca, &dir.path().join("queue")),
+        args.interval as f64,
+        1000,
+    );
+    config.reconnect_secs = (1.0, args.reconnect_max_secs);
+    config.rest = Rest::Custom;
+    config.upstream_extra = upstream_extra;
+    config.extra.push_str(&extra);
+    let mut gateway = harness::start_gateway(&binary, &config, dir.path())?;
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -776,11 +759,7 @@ parser = {{ format = "json", fields = {{ "/c" = "field1", "/one" = "field2", "/n
     }
     let metrics = gateway.metrics().await?;
     let machine_after = harness::machine_summary();
-    let logs = gateway
-        .logs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let logs = gateway.logs();
     // The log's own timestamps: polling /metrics would blur this to the
     // progress interval once the drain is over.
     let reconnected = logs

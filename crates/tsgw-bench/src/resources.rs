@@ -9,10 +9,9 @@ use rumqttc::QoS;
 use tsgw_core::{Field, Metrics, Origin, Reading, SourceKind, Target, Value};
 use tsgw_queue::{DurableQueue, QueueConfig};
 
-use crate::harness::{
-    self, clock_ticks_per_sec, cpu_ticks, emulator, gateway_config, metric_sum, mib, rss_kib,
-    Gateway, CHANNELS,
-};
+use tsgw_testkit::{channel, emulator, metric_sum, CHANNELS};
+
+use crate::harness::{self, clock_ticks_per_sec, cpu_ticks, gateway_config, mib, rss_kib};
 use crate::ingest::{bench_payload, bench_topic, probe_metric, start_gateway, Upstream};
 use crate::load::{self, LoadSpec};
 use crate::stats::Table;
@@ -47,7 +46,7 @@ pub async fn prefill(dir: &Path, readings: u64) -> Result<(f64, u64)> {
     let now = Utc::now();
     let mut batch = Vec::with_capacity(512);
     for i in 0..readings {
-        let channel = harness::channel(CHANNELS[(i % 3) as usize]);
+        let channel = channel(CHANNELS[(i % 3) as usize]);
         let field = Field::new((i % 8) as u8 + 1).context("field")?;
         batch.push(Reading {
             channel,
@@ -178,9 +177,8 @@ pub async fn run(args: ResourcesArgs, binary: PathBuf) -> Result<String> {
         ),
     ]);
     emu.refuse_connections_for(Duration::from_secs(3600));
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, gateway_config(&emu, &queue_dir, 1.0, 1000, "")?)?;
-    let gateway = Gateway::start(&binary, &config)?;
+    let config = gateway_config(&emu, &queue_dir, 1.0, 1000)?;
+    let gateway = harness::start_gateway(&binary, &config, dir.path())?;
     let queued = metric_sum(&gateway.metrics().await?, "tsgw_queue_readings", &[]);
     table.row(vec![
         format!("startup with {} readings queued", args.backlog),
