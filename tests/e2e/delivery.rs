@@ -87,3 +87,64 @@ async fn a_fast_device_never_trips_the_rate_limit() {
         "gateway counted {sent} sent"
     );
 }
+
+/// The kit's load clients, as the high-volume tests will use them: lines
+/// from `mosquitto_pub -l` (QoS 0) and an acked device's ids (QoS 1) are all
+/// taken in, and every PUBACK is accounted to its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_lines_and_acked_device_ids_are_counted_exactly() {
+    let emulator = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &config_toml(&emulator, dir.path(), 1.0, ""));
+    let gateway = Gateway::start(&config);
+    const ACCEPTED: &str =
+        r#"tsgw_readings_total{device="drop_in",result="accepted",source="mqtt"}"#;
+
+    let lines: String = (1..=200).map(|i| format!("{i}\n")).collect();
+    tsgw_testkit::mosquitto_pub_lines(
+        gateway.mqtt,
+        "lines",
+        "channels/1002/publish/fields/field1",
+        0,
+        lines.as_bytes(),
+        WAIT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+
+    let mut acked = tsgw_testkit::AckedDevice::connect(gateway.mqtt, "acked")
+        .await
+        .unwrap();
+    for id in 1..=50u64 {
+        acked
+            .publish("channels/1003/publish/fields/field2", id, id.to_string())
+            .await
+            .unwrap();
+    }
+    for _ in 1..=50 {
+        acked.next_ack(WAIT).await.unwrap();
+    }
+    assert_eq!(
+        acked.acked().iter().copied().collect::<Vec<_>>(),
+        (1..=50).collect::<Vec<_>>()
+    );
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gateway.metric(ACCEPTED).await < 250.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "accepted {} of 250",
+            gateway.metric(ACCEPTED).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_delivery(&emulator, "the last line and the last acked value", |got| {
+        got.get(&(1002, "field1".into()))
+            .is_some_and(|v| v.last().map(String::as_str) == Some("200"))
+            && got
+                .get(&(1003, "field2".into()))
+                .is_some_and(|v| v.last().map(String::as_str) == Some("50"))
+    })
+    .await;
+    assert_eq!(gateway.metric(ACCEPTED).await, 250.0);
+}
