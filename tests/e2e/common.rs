@@ -11,7 +11,7 @@ use std::time::Duration;
 use rumqttc::QoS;
 use thingspeak_emulator::{EmulatorHandle, Entry};
 pub use tsgw_testkit::{
-    channel, delivered, metric_value, Delivered, Device, GatewayConfig, CHANNELS,
+    channel, delivered, metric_sum, metric_value, Delivered, Device, GatewayConfig, CHANNELS,
 };
 
 /// Upper bound for anything a test waits for.

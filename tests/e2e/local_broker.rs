@@ -63,19 +63,6 @@ fn burst(broker: SocketAddr, topic: &str, clients: usize, per_client: usize) {
     }
 }
 
-/// Sums every sample of a family whose labels contain all of `labels`.
-fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(key, _)| {
-            (key.starts_with(&format!("{name}{{")) || *key == name)
-                && labels.iter().all(|label| key.contains(label))
-        })
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
-}
-
 const ACCEPTED: &str = r#"tsgw_readings_total{device="drop_in",result="accepted",source="mqtt"}"#;
 
 /// Waits until the gateway accepted `expected` drop-in readings; panics with
