@@ -120,6 +120,10 @@ impl Gateway {
         ok(self.0.get(path).await)
     }
 
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        ok(self.0.get_with(path, headers).await)
+    }
+
     /// Every sample of one metric family, as printed, joined by ", ".
     pub async fn metric_family(&self, name: &str) -> String {
         let (_, text) = self.get("/metrics").await;

@@ -86,26 +86,11 @@ fn upstream_sum(emulator: &thingspeak_emulator::EmulatorHandle) -> u64 {
 
 /// The test channels and device, with bulk calls allowed every second.
 async fn emulator_fast_bulk() -> thingspeak_emulator::EmulatorHandle {
-    crypto();
-    let mut builder = thingspeak_emulator::Emulator::builder()
+    tsgw_testkit::crypto();
+    tsgw_testkit::emulator_builder(INTERVAL)
         .tls("127.0.0.1:0")
         .http("127.0.0.1:0")
-        .default_interval(INTERVAL)
-        .bulk_interval(BULK_INTERVAL);
-    for id in CHANNELS {
-        builder = builder.channel(thingspeak_emulator::ChannelSpec::new(
-            channel(id),
-            format!("WRITEKEY{id:08}"),
-            format!("READKEY{id:09}"),
-        ));
-    }
-    builder
-        .device(thingspeak_emulator::DeviceSpec::new(
-            CLIENT_ID,
-            USERNAME,
-            PASSWORD,
-            CHANNELS.map(channel),
-        ))
+        .bulk_interval(BULK_INTERVAL)
         .start()
         .await
         .expect("emulator starts")
@@ -127,18 +112,14 @@ write_key = "WRITEKEY{CH:08}"
 "#
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut text = config_toml(&emulator, dir.path(), INTERVAL.as_secs_f64(), &extra);
-    // The upstream keys go before the first other table.
-    text = text.replacen(
-        "[queue]",
-        &format!(
-            "confirm_timeout_secs = {}\nread_api = true\nbulk_interval_secs = {}\n\n[queue]",
-            CONFIRM_TIMEOUT.as_secs_f64(),
-            BULK_INTERVAL.as_secs_f64()
-        ),
-        1,
+    let mut gateway_config = config(&emulator, dir.path(), INTERVAL.as_secs_f64(), &extra);
+    // REST calls go to the emulator's HTTP listener (the kit's config does that).
+    gateway_config.upstream_extra = format!(
+        "confirm_timeout_secs = {:?}\nread_api = true\nbulk_interval_secs = {:?}\n",
+        CONFIRM_TIMEOUT.as_secs_f64(),
+        BULK_INTERVAL.as_secs_f64()
     );
-    let config = write_config(dir.path(), &text);
+    let config = write_config(dir.path(), &gateway_config.to_toml());
     let tally = Arc::new(Tally::default());
     let mut stored = emulator.stored();
 

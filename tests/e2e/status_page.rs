@@ -381,10 +381,10 @@ parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts
         let encoded = base64::engine::general_purpose::STANDARD.encode(format!("ops:{password}"));
         format!("Basic {encoded}")
     };
-    let (status, body) = http_get_with(gateway.http, "/", &authorized("open-sesame")).await;
+    let (status, body) = gateway.get_with("/", &[("Authorization", &authorized("open-sesame"))]).await;
     assert_eq!(status, 200);
     assert!(body.contains("data-device=\"meter\""));
-    let (status, _) = http_get_with(gateway.http, "/", &authorized("guess")).await;
+    let (status, _) = gateway.get_with("/", &[("Authorization", &authorized("guess"))]).await;
     assert_eq!(status, 401);
     assert_eq!(
         gateway
@@ -400,32 +400,4 @@ parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts
     );
     arduino_writer.abort();
     drop(slave);
-}
-
-/// A GET with an `Authorization` header.
-async fn http_get_with(
-    addr: std::net::SocketAddr,
-    path: &str,
-    authorization: &str,
-) -> (u16, String) {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("HTTP connect in time")
-        .expect("HTTP connect");
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
-        .await
-        .expect("HTTP response in time")
-        .expect("HTTP read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, response)
 }

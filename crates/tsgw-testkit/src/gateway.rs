@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::metrics::{http_get, metric_value};
+use crate::metrics::{http_get_with, metric_value};
 
 /// Log lines shown in error messages (the newest ones).
 const LOG_TAIL: usize = 40;
@@ -210,7 +210,12 @@ impl Gateway {
 
     /// GET `path` from the gateway's HTTP endpoint: (status, body).
     pub async fn get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.http, path, self.timeout).await
+        self.get_with(path, &[]).await
+    }
+
+    /// [`Gateway::get`] with more request headers (`Authorization`, ...).
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+        http_get_with(self.http, path, headers, self.timeout).await
     }
 
     /// The Prometheus text of /metrics.

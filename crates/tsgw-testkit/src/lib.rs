@@ -23,7 +23,7 @@ pub use emulator::{
     Delivered, CHANNELS, CLIENT_ID, PASSWORD, USERNAME,
 };
 pub use gateway::{tsgw_binary, Gateway};
-pub use metrics::{http_get, metric_sum, metric_value};
+pub use metrics::{http_get, http_get_with, metric_sum, metric_value};
 pub use mosquitto::mosquitto_pub_lines;
 
 /// Upper bound for a device's connect to the gateway's local broker.
