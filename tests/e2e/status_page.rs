@@ -381,10 +381,14 @@ parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts
         let encoded = base64::engine::general_purpose::STANDARD.encode(format!("ops:{password}"));
         format!("Basic {encoded}")
     };
-    let (status, body) = gateway.get_with("/", &[("Authorization", &authorized("open-sesame"))]).await;
+    let (status, body) = gateway
+        .get_with("/", &[("Authorization", &authorized("open-sesame"))])
+        .await;
     assert_eq!(status, 200);
     assert!(body.contains("data-device=\"meter\""));
-    let (status, _) = gateway.get_with("/", &[("Authorization", &authorized("guess"))]).await;
+    let (status, _) = gateway
+        .get_with("/", &[("Authorization", &authorized("guess"))])
+        .await;
     assert_eq!(status, 401);
     assert_eq!(
         gateway

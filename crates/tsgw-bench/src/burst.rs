@@ -20,9 +20,10 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
 
+use tsgw_testkit::{emulator, metric_sum};
+
 use crate::harness::{
-    self, clock_ticks_per_sec, cpu_ticks, emulator, gateway_config, metric_sum, mib, rss_kib,
-    Gateway,
+    self, clock_ticks_per_sec, cpu_ticks, gateway_config, mib, rss_kib, start_gateway,
 };
 use crate::stats::Table;
 
@@ -269,14 +270,10 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
     // into the queue, without the forwarder's share of the CPU.
     emu.refuse_connections_for(Duration::from_secs(24 * 3600));
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_config(&emu, &dir.path().join("queue"), 1.0, 1000, "")?,
-    )?;
+    let config = gateway_config(&emu, &dir.path().join("queue"), 1.0, 1000)?;
 
     // tsgw, QoS 0.
-    let gateway = Gateway::start(&binary, &config)?;
+    let gateway = start_gateway(&binary, &config, dir.path())?;
     let idle_kib = rss_kib(gateway.pid())?;
     let watch = Watch::start(gateway.pid())?;
     let started = Instant::now();
@@ -310,12 +307,8 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
 
     // tsgw, QoS 1 with acks after fsync.
     let qos1_dir = tempfile::tempdir()?;
-    let qos1_config = qos1_dir.path().join("gateway.toml");
-    std::fs::write(
-        &qos1_config,
-        gateway_config(&emu, &qos1_dir.path().join("queue"), 1.0, 1000, "")?,
-    )?;
-    let gateway = Gateway::start(&binary, &qos1_config)?;
+    let qos1_config = gateway_config(&emu, &qos1_dir.path().join("queue"), 1.0, 1000)?;
+    let gateway = start_gateway(&binary, &qos1_config, qos1_dir.path())?;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let devices: Vec<_> = (0..args.qos1_devices)

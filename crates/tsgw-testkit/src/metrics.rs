@@ -24,9 +24,8 @@ pub async fn http_get_with(
         .collect();
     let io = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
-        );
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
