@@ -27,6 +27,37 @@ pub fn tsgw() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_tsgw"))
 }
 
+/// Runs `tsgw <args>` to completion with `env` set: (success, stdout, stderr).
+pub fn run_tsgw(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(tsgw());
+    command.args(args).env_remove("RUST_LOG");
+    command.envs(env.iter().copied());
+    let out = command.output().expect("tsgw runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The smallest valid config (for commands that never open its queue).
+pub const MINIMAL_CONFIG: &str = r#"[upstream]
+client_id = "c"
+username = "u"
+password = "very-secret-password"
+[queue]
+dir = "/tmp/tsgw-never-opened"
+"#;
+
+/// `text` as gateway.toml in a new temporary folder: the folder (removed
+/// when dropped) and the file's path.
+pub fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path.display().to_string())
+}
+
 /// The emulator over TLS with the three test channels and the gateway's device account.
 pub async fn emulator(interval: Duration) -> EmulatorHandle {
     ok(tsgw_testkit::emulator(interval).await)

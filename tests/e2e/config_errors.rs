@@ -1,41 +1,11 @@
 //! A bad config is a clear error and a non-zero exit, never a half-started gateway.
 
-use std::process::Command;
-
-fn tsgw(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tsgw"));
-    command.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let out = command.output().expect("tsgw runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-const VALID: &str = r#"
-[upstream]
-client_id = "c"
-username = "u"
-password = "very-secret-password"
-[queue]
-dir = "/tmp/tsgw-never-opened"
-"#;
-
-fn config(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    (dir, path.display().to_string())
-}
+use crate::common::{config_file, run_tsgw, MINIMAL_CONFIG};
 
 #[test]
 fn check_config_prints_the_config_with_secrets_masked() {
-    let (_dir, path) = config(VALID);
-    let (ok, stdout, stderr) = tsgw(&["check-config", "--config", &path], &[]);
+    let (_dir, path) = config_file(MINIMAL_CONFIG);
+    let (ok, stdout, stderr) = run_tsgw(&["check-config", "--config", &path], &[]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("[upstream]"), "{stdout}");
     assert!(!stdout.contains("very-secret-password"), "{stdout}");
@@ -44,11 +14,11 @@ fn check_config_prints_the_config_with_secrets_masked() {
 
 #[test]
 fn an_unknown_key_is_named_with_its_file() {
-    let (_dir, path) = config(&format!(
-        "{VALID}\n[mqtt]\nlisten = \"127.0.0.1:0\"\nmax_payload = 5\n"
+    let (_dir, path) = config_file(&format!(
+        "{MINIMAL_CONFIG}\n[mqtt]\nlisten = \"127.0.0.1:0\"\nmax_payload = 5\n"
     ));
     for command in ["check-config", "run"] {
-        let (ok, _, stderr) = tsgw(&[command, "--config", &path], &[]);
+        let (ok, _, stderr) = run_tsgw(&[command, "--config", &path], &[]);
         assert!(!ok, "{command} accepted an unknown key");
         assert!(stderr.contains("max_payload"), "{command}: {stderr}");
         assert!(stderr.contains("gateway.toml"), "{command}: {stderr}");
@@ -57,23 +27,23 @@ fn an_unknown_key_is_named_with_its_file() {
 
 #[test]
 fn a_bad_value_names_the_key() {
-    let (_dir, path) = config(&format!("{VALID}\n[[mqtt.rules]]\nname = \"r\"\ntopic = \"a/#/b\"\nchannel = 1\nparser = {{ format = \"plain\", target = \"field1\" }}\n"));
-    let (ok, _, stderr) = tsgw(&["check-config", "--config", &path], &[]);
+    let (_dir, path) = config_file(&format!("{MINIMAL_CONFIG}\n[[mqtt.rules]]\nname = \"r\"\ntopic = \"a/#/b\"\nchannel = 1\nparser = {{ format = \"plain\", target = \"field1\" }}\n"));
+    let (ok, _, stderr) = run_tsgw(&["check-config", "--config", &path], &[]);
     assert!(!ok);
     assert!(stderr.contains("mqtt.rules[0]"), "{stderr}");
 }
 
 #[test]
 fn a_missing_config_file_is_an_error() {
-    let (ok, _, stderr) = tsgw(&["run", "--config", "/nonexistent/tsgw.toml"], &[]);
+    let (ok, _, stderr) = run_tsgw(&["run", "--config", "/nonexistent/tsgw.toml"], &[]);
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/tsgw.toml"), "{stderr}");
 }
 
 #[test]
 fn environment_variables_override_keys_and_errors_name_them() {
-    let (_dir, path) = config(VALID);
-    let (ok, stdout, stderr) = tsgw(
+    let (_dir, path) = config_file(MINIMAL_CONFIG);
+    let (ok, stdout, stderr) = run_tsgw(
         &["check-config", "--config", &path],
         &[
             ("TSGW_QUEUE__DIR", "/srv/tsgw-queue"),
@@ -84,7 +54,7 @@ fn environment_variables_override_keys_and_errors_name_them() {
     assert!(stdout.contains("/srv/tsgw-queue"), "{stdout}");
     assert!(!stdout.contains("from-env-secret"));
 
-    let (ok, _, stderr) = tsgw(
+    let (ok, _, stderr) = run_tsgw(
         &["check-config", "--config", &path],
         &[("TSGW_QUEUE__MAX_BYTES", "lots")],
     );
@@ -97,14 +67,14 @@ fn environment_variables_override_keys_and_errors_name_them() {
 
 #[test]
 fn systemd_credentials_set_keys() {
-    let (_dir, path) = config(VALID);
+    let (_dir, path) = config_file(MINIMAL_CONFIG);
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(
         creds.path().join("upstream.username"),
         "user-from-credential\n",
     )
     .unwrap();
-    let (ok, stdout, stderr) = tsgw(
+    let (ok, stdout, stderr) = run_tsgw(
         &["check-config", "--config", &path],
         &[("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap())],
     );

@@ -3,39 +3,12 @@
 
 use std::process::Command;
 
-fn tsgw(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tsgw"));
-    command.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let out = command.output().expect("tsgw runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-const VALID: &str = r#"[upstream]
-client_id = "c"
-username = "u"
-password = "very-secret-password"
-[queue]
-dir = "/tmp/tsgw-never-opened"
-"#;
-
-fn config_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    (dir, path.display().to_string())
-}
+use crate::common::{config_file, run_tsgw, MINIMAL_CONFIG};
 
 #[test]
 fn a_bad_environment_value_names_the_variable_as_typed() {
-    let (_dir, path) = config_file(VALID);
-    let (ok, _, stderr) = tsgw(
+    let (_dir, path) = config_file(MINIMAL_CONFIG);
+    let (ok, _, stderr) = run_tsgw(
         &["check-config", "--config", &path],
         &[("TSGW_UPSTREAM__UPDATE_INTERVAL_SECS", "soon")],
     );
@@ -51,8 +24,8 @@ fn a_bad_environment_value_names_the_variable_as_typed() {
 
 #[test]
 fn a_file_error_names_the_key_without_a_profile_and_gives_the_line() {
-    let (_dir, path) = config_file(&format!("{VALID}bogus_key = 3\n"));
-    let (ok, _, stderr) = tsgw(&["check-config", "--config", &path], &[]);
+    let (_dir, path) = config_file(&format!("{MINIMAL_CONFIG}bogus_key = 3\n"));
+    let (ok, _, stderr) = run_tsgw(&["check-config", "--config", &path], &[]);
     assert!(!ok);
     assert!(!stderr.contains("default."), "{stderr}");
     assert!(
@@ -114,7 +87,7 @@ async fn tsgw_async(args: Vec<String>) -> (bool, String, String) {
         std::time::Duration::from_secs(60),
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            tsgw(&args, &[])
+            run_tsgw(&args, &[])
         }),
     )
     .await
@@ -206,7 +179,7 @@ transport.tcp.address = "{addr}"
 points = [{{ kind = "holding", address = 100, type = "u16", target = "field3" }}]
 "#
     );
-    let (_dir, path) = config_file(&format!("{VALID}{devices}"));
+    let (_dir, path) = config_file(&format!("{MINIMAL_CONFIG}{devices}"));
     let (ok, stdout, stderr) = tsgw_async(vec![
         "check-config".into(),
         "--config".into(),
@@ -243,7 +216,7 @@ points = [{{ kind = "holding", address = 100, type = "u16", target = "field3" }}
         .split("[[modbus]]\nname = \"silent-unit\"")
         .next()
         .unwrap();
-    let (_dir, path) = config_file(&format!("{VALID}{only_meter}"));
+    let (_dir, path) = config_file(&format!("{MINIMAL_CONFIG}{only_meter}"));
     let (ok, stdout, stderr) = tsgw_async(vec![
         "check-config".into(),
         "--config".into(),
