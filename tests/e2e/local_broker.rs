@@ -121,9 +121,12 @@ async fn a_slow_queue_writer_makes_devices_wait_not_lose() {
     let emu = emulator(Duration::from_secs(1)).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &config_toml(&emu, dir.path(), 1.0, ""));
-    // Every write to the queue takes 200 ms: far slower than the devices send.
-    let gateway = Gateway::start_with_env(&cfg, &[("TESTHOOK_TSGW_WRITER_DELAY_MS", "200")]);
-    let (clients, per_client) = (2, 100_000);
+    // Every write to the queue takes a second: one write takes at most 16
+    // device reads (about 9 000 readings here), so the writer manages under
+    // 9 000 readings/s however loaded the machine is, while the 32 reads the
+    // channel to it holds fill within a second: the front must wait.
+    let gateway = Gateway::start_with_env(&cfg, &[("TESTHOOK_TSGW_WRITER_DELAY_MS", "1000")]);
+    let (clients, per_client) = (2, 50_000);
     let broker = gateway.mqtt;
     tokio::task::spawn_blocking(move || {
         burst(broker, "channels/1002/publish", clients, per_client)
