@@ -23,11 +23,11 @@ use crate::common::*;
 const KILLS: u32 = 20;
 const CH: u64 = 1001;
 /// update_interval_secs and the emulator's rate limit.
-const INTERVAL: Duration = Duration::from_secs(1);
+const INTERVAL: Duration = Duration::from_secs(2);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
 /// The backlog a restart leaves (the first update waits one interval) goes
 /// by bulk calls this often, as under the default `backfill = "bulk"`.
-const BULK_INTERVAL: Duration = Duration::from_secs(3);
+const BULK_INTERVAL: Duration = Duration::from_secs(4);
 /// Pause between publishes: about 50 a second.
 const PACE: Duration = Duration::from_millis(20);
 

@@ -213,9 +213,15 @@ impl Forwarder {
                     self.start_bulk(channel, older, &policies);
                     return Ok(idle);
                 }
-                closed
-                    .last()
-                    .map(|newest| window_batch(channel, &[newest], &policies))
+                // One window waiting behind the newest is no backlog (a slot
+                // came a little after its window closed): it goes first over
+                // MQTT, in order, rather than wait for the next bulk call.
+                let next = if closed.len() == 2 {
+                    closed.first()
+                } else {
+                    closed.last()
+                };
+                next.map(|w| window_batch(channel, &[w], &policies))
             }
         };
         match batch {
