@@ -20,49 +20,6 @@ use crate::common::*;
 /// What a burst may take at most (debug build, 2 cores, other tests running).
 const BURST_WAIT: Duration = Duration::from_secs(600);
 
-/// Sends `per_client` QoS 0 publishes `field1=<n>` to `topic` from `clients`
-/// connections at once, as fast as the sockets take them, then DISCONNECT,
-/// and waits until the gateway closed each connection: every publish counted
-/// here was written into the socket before the DISCONNECT. (A raw writer
-/// rather than `mosquitto_pub -l`, whose count of what it really sent is not
-/// exact under backpressure.)
-fn burst(broker: SocketAddr, topic: &str, clients: usize, per_client: usize) {
-    use rumqttc::mqttbytes::v4::{Connect, Publish};
-    let threads: Vec<_> = (0..clients)
-        .map(|c| {
-            let topic = topic.to_owned();
-            std::thread::spawn(move || {
-                let mut socket = std::net::TcpStream::connect(broker).expect("broker reachable");
-                socket.set_read_timeout(Some(BURST_WAIT)).unwrap();
-                let mut buf = bytes::BytesMut::new();
-                Connect::new(format!("burst-{c}")).write(&mut buf).unwrap();
-                socket.write_all(&buf).unwrap();
-                let mut connack = [0u8; 4];
-                std::io::Read::read_exact(&mut socket, &mut connack).expect("CONNACK");
-                assert_eq!(connack, [0x20, 2, 0, 0], "connection refused");
-                buf.clear();
-                for n in 0..per_client {
-                    Publish::new(&topic, QoS::AtMostOnce, format!("field1={n}"))
-                        .write(&mut buf)
-                        .unwrap();
-                    if buf.len() > 64 * 1024 {
-                        socket.write_all(&buf).expect("the gateway keeps reading");
-                        buf.clear();
-                    }
-                }
-                buf.extend_from_slice(&[0xe0, 0]); // DISCONNECT
-                socket.write_all(&buf).expect("the gateway keeps reading");
-                // The gateway closes once it has read everything.
-                let mut rest = Vec::new();
-                std::io::Read::read_to_end(&mut socket, &mut rest).expect("closed in time");
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("burst client");
-    }
-}
-
 const ACCEPTED: &str = r#"tsgw_readings_total{device="drop_in",result="accepted",source="mqtt"}"#;
 
 /// Waits until the gateway accepted `expected` drop-in readings; panics with
@@ -108,7 +65,14 @@ async fn a_million_qos0_messages_from_several_clients_are_all_accounted_for() {
     let (clients, per_client) = (4, 250_000);
     let broker = gateway.mqtt;
     tokio::task::spawn_blocking(move || {
-        burst(broker, "channels/1001/publish", clients, per_client)
+        tsgw_testkit::qos0_burst(
+            broker,
+            "channels/1001/publish",
+            clients,
+            per_client,
+            BURST_WAIT,
+        )
+        .expect("every publish written")
     })
     .await
     .unwrap();
@@ -129,7 +93,14 @@ async fn a_slow_queue_writer_makes_devices_wait_not_lose() {
     let (clients, per_client) = (2, 50_000);
     let broker = gateway.mqtt;
     tokio::task::spawn_blocking(move || {
-        burst(broker, "channels/1002/publish", clients, per_client)
+        tsgw_testkit::qos0_burst(
+            broker,
+            "channels/1002/publish",
+            clients,
+            per_client,
+            BURST_WAIT,
+        )
+        .expect("every publish written")
     })
     .await
     .unwrap();

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{Connect, Publish, Subscribe};
+use rumqttc::mqttbytes::v4::{Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
 
-use tsgw_testkit::{emulator, metric_sum};
+use tsgw_testkit::{emulator, metric_sum, qos0_burst, raw_connect};
 
 use crate::harness::{
     self, clock_ticks_per_sec, cpu_ticks, gateway_config, mib, rss_kib, start_gateway,
@@ -93,57 +93,9 @@ impl Watch {
     }
 }
 
-/// Connects a raw client and waits for its CONNACK.
-fn raw_connect(broker: SocketAddr, id: &str) -> Result<TcpStream> {
-    let mut socket = TcpStream::connect(broker).with_context(|| format!("connect {broker}"))?;
-    socket.set_nodelay(true)?;
-    socket.set_read_timeout(Some(PHASE_LIMIT))?;
-    let mut buf = BytesMut::new();
-    let mut connect = Connect::new(id);
-    connect.keep_alive = 60;
-    connect.write(&mut buf)?;
-    socket.write_all(&buf)?;
-    let mut connack = [0u8; 4];
-    socket.read_exact(&mut connack)?;
-    if connack != [0x20, 2, 0, 0] {
-        bail!("{id}: CONNACK {connack:?}");
-    }
-    Ok(socket)
-}
-
-/// `per_client` QoS 0 publishes from each of `clients` connections, then
-/// DISCONNECT, and a wait until the broker closed each connection.
-fn qos0_burst(broker: SocketAddr, clients: usize, per_client: usize) -> Result<()> {
-    let threads: Vec<_> = (0..clients)
-        .map(|c| {
-            std::thread::spawn(move || -> Result<()> {
-                let mut socket = raw_connect(broker, &format!("burst-{c}"))?;
-                let mut buf = BytesMut::with_capacity(80 * 1024);
-                for n in 0..per_client {
-                    Publish::new(TOPIC, QoS::AtMostOnce, format!("field1={n}")).write(&mut buf)?;
-                    if buf.len() > 64 * 1024 {
-                        socket.write_all(&buf)?;
-                        buf.clear();
-                    }
-                }
-                buf.extend_from_slice(&[0xe0, 0]);
-                socket.write_all(&buf)?;
-                let mut rest = Vec::new();
-                socket.read_to_end(&mut rest)?;
-                Ok(())
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
-    }
-    Ok(())
-}
-
 /// A raw subscriber to `channels/#` that counts the PUBLISH packets it gets.
 fn counting_subscriber(broker: SocketAddr, received: Arc<AtomicU64>) -> Result<()> {
-    let mut socket = raw_connect(broker, "burst-subscriber")?;
+    let mut socket = raw_connect(broker, "burst-subscriber", PHASE_LIMIT)?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = BytesMut::new();
     let mut subscribe = Subscribe::new("channels/#", QoS::AtMostOnce);
@@ -174,7 +126,7 @@ fn qos1_device(
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
 ) -> Result<()> {
-    let mut socket = raw_connect(broker, &id)?;
+    let mut socket = raw_connect(broker, &id, PHASE_LIMIT)?;
     let mut out = BytesMut::new();
     let mut pending = BytesMut::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -278,8 +230,9 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
     let watch = Watch::start(gateway.pid())?;
     let started = Instant::now();
     let broker = gateway.mqtt;
-    let publishers =
-        tokio::task::spawn_blocking(move || qos0_burst(broker, args.clients, per_client));
+    let publishers = tokio::task::spawn_blocking(move || {
+        qos0_burst(broker, TOPIC, args.clients, per_client, PHASE_LIMIT)
+    });
     let mut last_scrape = Instant::now() - Duration::from_secs(1);
     let mut accepted = 0.0;
     let mut counted_drops = 0.0;
@@ -356,8 +309,9 @@ pub async fn run(args: BurstArgs, binary: PathBuf) -> Result<String> {
         let watch = Watch::start(pid)?;
         let started = Instant::now();
         let addr = broker.addr;
-        let publishers =
-            tokio::task::spawn_blocking(move || qos0_burst(addr, args.clients, per_client));
+        let publishers = tokio::task::spawn_blocking(move || {
+            qos0_burst(addr, TOPIC, args.clients, per_client, PHASE_LIMIT)
+        });
         // Until every message is relayed, or nothing more came for 3 s.
         let (mut last, mut last_change) = (0, Instant::now());
         let mut secs = 0.0;

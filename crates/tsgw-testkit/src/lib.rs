@@ -13,6 +13,7 @@ mod emulator;
 mod gateway;
 mod metrics;
 mod mosquitto;
+mod raw;
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ pub use emulator::{
 pub use gateway::{tsgw_binary, Gateway};
 pub use metrics::{http_get, http_get_with, metric_sum, metric_value};
 pub use mosquitto::mosquitto_pub_lines;
+pub use raw::{qos0_burst, raw_connect};
 
 /// Upper bound for a device's connect to the gateway's local broker.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(30);
