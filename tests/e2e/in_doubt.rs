@@ -166,7 +166,7 @@ write_key = "WRITEKEY{CH:08}"
         tally.clone(),
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(INTERVAL * 5).await;
     stop.store(true, Ordering::SeqCst);
     tokio::time::timeout(WAIT, device)
         .await

@@ -208,8 +208,11 @@ impl Forwarder {
                 // ThingSpeak counts REST and MQTT writes together.
                 if closed.len() > 1 && bulk_due && self.schedule.is_due(channel, now) {
                     let max = self.config.bulk_max_updates;
-                    let older = &closed[..closed.len() - 1];
-                    let older = &older[..older.len().min(max)];
+                    // For one older window the call takes the newest too:
+                    // one slot for both, so the channel catches up (its
+                    // slots are 100 ms longer than its windows).
+                    let take = if closed.len() == 2 { 2 } else { closed.len() - 1 };
+                    let older = &closed[..take.min(max)];
                     self.start_bulk(channel, older, &policies);
                     return Ok(idle);
                 }
