@@ -211,7 +211,11 @@ impl Forwarder {
                     // For one older window the call takes the newest too:
                     // one slot for both, so the channel catches up (its
                     // slots are 100 ms longer than its windows).
-                    let take = if closed.len() == 2 { 2 } else { closed.len() - 1 };
+                    let take = if closed.len() == 2 {
+                        2
+                    } else {
+                        closed.len() - 1
+                    };
                     let older = &closed[..take.min(max)];
                     self.start_bulk(channel, older, &policies);
                     return Ok(idle);
