@@ -55,6 +55,26 @@ fn assert_nothing_else_counted(text: &str) {
     }
 }
 
+/// Sends a QoS 0 burst and checks that every publish was accepted and nothing
+/// else counted; returns the metrics at that point.
+async fn burst_all_accounted_for(
+    gateway: &Gateway,
+    topic: &'static str,
+    clients: usize,
+    per_client: usize,
+) -> String {
+    let broker = gateway.mqtt;
+    tokio::task::spawn_blocking(move || {
+        tsgw_testkit::qos0_burst(broker, topic, clients, per_client, BURST_WAIT)
+            .expect("every publish written")
+    })
+    .await
+    .unwrap();
+    let text = wait_accepted(gateway, (clients * per_client) as f64).await;
+    assert_nothing_else_counted(&text);
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_qos0_messages_from_several_clients_are_all_accounted_for() {
     let emu = emulator(Duration::from_secs(1)).await;
@@ -62,22 +82,7 @@ async fn a_million_qos0_messages_from_several_clients_are_all_accounted_for() {
     let cfg = write_config(dir.path(), &config_toml(&emu, dir.path(), 1.0, ""));
     // The queue must hold the whole burst: a drop, counted or not, is not what this tests.
     let gateway = Gateway::start_with_env(&cfg, &[("TSGW_QUEUE__MAX_BYTES", "536870912")]);
-    let (clients, per_client) = (4, 250_000);
-    let broker = gateway.mqtt;
-    tokio::task::spawn_blocking(move || {
-        tsgw_testkit::qos0_burst(
-            broker,
-            "channels/1001/publish",
-            clients,
-            per_client,
-            BURST_WAIT,
-        )
-        .expect("every publish written")
-    })
-    .await
-    .unwrap();
-    let text = wait_accepted(&gateway, (clients * per_client) as f64).await;
-    assert_nothing_else_counted(&text);
+    burst_all_accounted_for(&gateway, "channels/1001/publish", 4, 250_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,22 +95,7 @@ async fn a_slow_queue_writer_makes_devices_wait_not_lose() {
     // 9 000 readings/s however loaded the machine is, while the 32 reads the
     // channel to it holds fill within a second: the front must wait.
     let gateway = Gateway::start_with_env(&cfg, &[("TESTHOOK_TSGW_WRITER_DELAY_MS", "1000")]);
-    let (clients, per_client) = (2, 50_000);
-    let broker = gateway.mqtt;
-    tokio::task::spawn_blocking(move || {
-        tsgw_testkit::qos0_burst(
-            broker,
-            "channels/1002/publish",
-            clients,
-            per_client,
-            BURST_WAIT,
-        )
-        .expect("every publish written")
-    })
-    .await
-    .unwrap();
-    let text = wait_accepted(&gateway, (clients * per_client) as f64).await;
-    assert_nothing_else_counted(&text);
+    let text = burst_all_accounted_for(&gateway, "channels/1002/publish", 2, 50_000).await;
     let waited = metric_value(&text, r#"tsgw_ingest_backpressure_total{source="mqtt"}"#);
     assert!(
         waited.unwrap_or(0.0) > 0.0,
