@@ -5,9 +5,26 @@
 //! byte order equal numeric order, so a prefix scan over one channel yields its
 //! readings oldest first, and `channels()` order is ascending channel id.
 //!
-//! # Value (format version 1)
+//! # Value: a record of readings (format version 2)
+//! One value holds the readings of one channel from one push (a writer batch),
+//! so a burst of a million readings is a few thousand sled entries, not a
+//! million: sled's per-entry costs (a node copy per insert, page metadata kept
+//! resident for the whole log) dominated the gateway's CPU and memory.
 //! ```text
-//! u8      format version (= 1)
+//! u8      format version (= 2)
+//! u32     CRC-32 (IEEE, little-endian) of every byte after it
+//! varint  number of readings n (>= 1)
+//! n times:
+//!   varint  seq - key seq (strictly increasing)
+//!   reading body (below)
+//! ```
+//! A reading's own seq ([`QueueKey::seq`]) is the key's seq plus its offset.
+//! The key's seq is the first reading's when the record is written; removing
+//! some readings of a record rewrites it under the same key with the rest, so
+//! the record holding a seq is always the channel's last key at or below it.
+//!
+//! # Reading body
+//! ```text
 //! u8      target: 1..=8 field1..field8, 9 status, 10 lat, 11 long, 12 elevation
 //! varint  measured_at seconds since the Unix epoch (zigzag, so dates before 1970 work)
 //! varint  measured_at sub-second nanoseconds
@@ -16,11 +33,18 @@
 //! u8      source: 0 mqtt, 1 serial, 2 modbus
 //! varint  device name length ++ UTF-8 bytes
 //! ```
+//!
+//! # Format version 1 (read, never written)
+//! `u8 version (= 1) ++ reading body`: one reading per entry, no checksum,
+//! written by tsgw before records. Such a value reads as a record of one
+//! reading whose seq is the key's, so an old backlog drains after an upgrade.
+//!
 //! The channel is not repeated in the value: the key carries it.
 //!
 //! Size: a numeric reading from device `esp-kitchen` with a millisecond
-//! timestamp is 33 bytes of value + 16 of key = 49 bytes; the same reading as
-//! JSON is about 130 bytes of value. `cargo bench -p tsgw-queue` prints the
+//! timestamp is a 33-byte body; in a record of many readings that is about
+//! 34 bytes each (key and header shared); the same reading as JSON is about
+//! 130 bytes. `cargo bench -p tsgw-queue` prints the
 //! measured figure. Decoding is strict (known version, known tags, valid
 //! UTF-8, no trailing bytes) so a damaged value is reported rather than
 //! misread.
@@ -29,7 +53,12 @@ use chrono::{DateTime, Utc};
 use tsgw_core::{ChannelId, Field, Origin, QueueKey, Reading, SourceKind, Target, Value};
 
 /// Bumped whenever the value layout changes; old versions stay decodable.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+/// The one-reading layout of the first release (see the module docs).
+const LEGACY_VERSION: u8 = 1;
+/// Readings per record at most: a removal that takes part of a record
+/// rewrites the rest, so records stay small enough for that to be cheap.
+pub const MAX_RECORD_READINGS: usize = 512;
 
 /// Length of an encoded key.
 pub const KEY_LEN: usize = 16;
@@ -59,6 +88,12 @@ pub enum DecodeError {
     TrailingBytes(usize),
     #[error("key is not 16 bytes with a non-zero channel id")]
     BadKey,
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("record holds no readings")]
+    EmptyRecord,
+    #[error("reading offsets are not increasing")]
+    BadOffset,
 }
 
 pub fn encode_key(key: QueueKey) -> [u8; KEY_LEN] {
@@ -91,16 +126,110 @@ pub fn channel_prefix(channel: ChannelId) -> [u8; 8] {
     channel.get().to_be_bytes()
 }
 
-pub fn encode_value(reading: &Reading) -> Vec<u8> {
-    let device = reading.origin.device.as_bytes();
-    let mut out = Vec::with_capacity(24 + device.len());
+/// The record stored under `key_seq` holding `(seq, reading)` entries, all
+/// of one channel, seqs strictly increasing and none below `key_seq`.
+pub fn encode_record<'a>(
+    key_seq: u64,
+    entries: impl ExactSizeIterator<Item = (u64, &'a Reading)>,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(8 + entries.len() * 40);
+    put_varint(&mut body, entries.len() as u64);
+    for (seq, reading) in entries {
+        debug_assert!(seq >= key_seq, "a record's readings sort after its key");
+        put_varint(&mut body, seq.saturating_sub(key_seq));
+        put_reading(&mut body, reading);
+    }
+    let mut out = Vec::with_capacity(5 + body.len());
     out.push(FORMAT_VERSION);
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The stored size of one reading alone in a record (key included): what the
+/// queue charges a push against `max_bytes` before it has built the records.
+pub fn single_reading_len(reading: &Reading) -> usize {
+    encode_record(0, std::iter::once((0, reading))).len() + KEY_LEN
+}
+
+/// Every reading of the record stored under `key`, with its own key.
+pub fn decode_record(key: QueueKey, bytes: &[u8]) -> Result<Vec<(QueueKey, Reading)>, DecodeError> {
+    let (n, mut r) = open_record(bytes)?;
+    if n == 0 {
+        // The legacy layout: one reading, the key's own.
+        let mut r = Reader { bytes, pos: 1 };
+        let reading = read_reading(&mut r, key.channel)?;
+        r.finish()?;
+        return Ok(vec![(key, reading)]);
+    }
+    let mut out = Vec::with_capacity(n.min(MAX_RECORD_READINGS as u64 * 2) as usize);
+    let mut last: Option<u64> = None;
+    for _ in 0..n {
+        let offset = r.varint("offset")?;
+        if last.is_some_and(|l| offset <= l) {
+            return Err(DecodeError::BadOffset);
+        }
+        last = Some(offset);
+        let seq = key.seq.checked_add(offset).ok_or(DecodeError::BadOffset)?;
+        let reading = read_reading(&mut r, key.channel)?;
+        out.push((
+            QueueKey {
+                channel: key.channel,
+                seq,
+            },
+            reading,
+        ));
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+/// How many readings a stored value holds, checking its checksum but not
+/// decoding the readings (opening a store counts with this).
+pub fn record_len(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let (n, _) = open_record(bytes)?;
+    Ok(n.max(1))
+}
+
+/// How many readings a value that fails to decode says it holds, for
+/// counting what a damaged record took with it. Unverified (the damage may be
+/// in the count itself), so at least 1 and at most [`MAX_RECORD_READINGS`].
+pub fn claimed_len(bytes: &[u8]) -> u64 {
+    let mut r = Reader { bytes, pos: 5 };
+    match bytes.first() {
+        Some(&FORMAT_VERSION) => r
+            .varint("reading count")
+            .map_or(1, |n| n.clamp(1, MAX_RECORD_READINGS as u64)),
+        _ => 1,
+    }
+}
+
+/// Checks the version and checksum; returns the reading count (0 for the
+/// legacy one-reading layout) and a reader positioned after it.
+fn open_record(bytes: &[u8]) -> Result<(u64, Reader<'_>), DecodeError> {
+    let mut r = Reader { bytes, pos: 0 };
+    match r.u8("version").map_err(|_| DecodeError::Empty)? {
+        LEGACY_VERSION => Ok((0, r)),
+        FORMAT_VERSION => {
+            let stored = u32::from_le_bytes(r.array::<4>("checksum")?);
+            let computed = crc32fast::hash(&bytes[r.pos..]);
+            if stored != computed {
+                return Err(DecodeError::Checksum { stored, computed });
+            }
+            let n = r.varint("reading count")?;
+            if n == 0 {
+                return Err(DecodeError::EmptyRecord);
+            }
+            Ok((n, r))
+        }
+        other => Err(DecodeError::UnknownVersion(other)),
+    }
+}
+
+fn put_reading(out: &mut Vec<u8>, reading: &Reading) {
     out.push(target_tag(reading.target));
-    put_varint(&mut out, zigzag(reading.measured_at.timestamp()));
-    put_varint(
-        &mut out,
-        u64::from(reading.measured_at.timestamp_subsec_nanos()),
-    );
+    put_varint(out, zigzag(reading.measured_at.timestamp()));
+    put_varint(out, u64::from(reading.measured_at.timestamp_subsec_nanos()));
     match &reading.value {
         Value::Number(n) => {
             out.push(0);
@@ -108,7 +237,7 @@ pub fn encode_value(reading: &Reading) -> Vec<u8> {
         }
         Value::Text(s) => {
             out.push(1);
-            put_bytes(&mut out, s.as_bytes());
+            put_bytes(out, s.as_bytes());
         }
     }
     out.push(match reading.origin.source {
@@ -116,21 +245,12 @@ pub fn encode_value(reading: &Reading) -> Vec<u8> {
         SourceKind::Serial => 1,
         SourceKind::Modbus => 2,
     });
-    put_bytes(&mut out, device);
-    out
+    put_bytes(out, reading.origin.device.as_bytes());
 }
 
-pub fn decode_value(channel: ChannelId, bytes: &[u8]) -> Result<Reading, DecodeError> {
-    let mut r = Reader { bytes, pos: 0 };
-    let version = r.u8("version").map_err(|_| DecodeError::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion(version));
-    }
+fn read_reading(r: &mut Reader<'_>, channel: ChannelId) -> Result<Reading, DecodeError> {
     let target = target_from_tag(r.u8("target")?)?;
-    let secs = unzigzag(r.varint("timestamp")?);
-    let nanos = u32::try_from(r.varint("timestamp")?).map_err(|_| DecodeError::BadTimestamp)?;
-    let measured_at =
-        DateTime::<Utc>::from_timestamp(secs, nanos).ok_or(DecodeError::BadTimestamp)?;
+    let measured_at = read_measured_at(r)?;
     let value = match r.u8("value kind")? {
         0 => Value::Number(f64::from_le_bytes(r.array::<8>("number")?)),
         1 => Value::Text(r.string("text value")?),
@@ -143,10 +263,6 @@ pub fn decode_value(channel: ChannelId, bytes: &[u8]) -> Result<Reading, DecodeE
         other => return Err(DecodeError::BadSource(other)),
     };
     let device = r.string("device name")?;
-    let rest = bytes.len() - r.pos;
-    if rest != 0 {
-        return Err(DecodeError::TrailingBytes(rest));
-    }
     Ok(Reading {
         channel,
         target,
@@ -156,17 +272,21 @@ pub fn decode_value(channel: ChannelId, bytes: &[u8]) -> Result<Reading, DecodeE
     })
 }
 
-/// Reads only what `oldest()` needs, without allocating the strings.
-pub fn decode_measured_at(bytes: &[u8]) -> Result<DateTime<Utc>, DecodeError> {
-    let mut r = Reader { bytes, pos: 0 };
-    let version = r.u8("version").map_err(|_| DecodeError::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion(version));
-    }
-    target_from_tag(r.u8("target")?)?;
+fn read_measured_at(r: &mut Reader<'_>) -> Result<DateTime<Utc>, DecodeError> {
     let secs = unzigzag(r.varint("timestamp")?);
     let nanos = u32::try_from(r.varint("timestamp")?).map_err(|_| DecodeError::BadTimestamp)?;
     DateTime::<Utc>::from_timestamp(secs, nanos).ok_or(DecodeError::BadTimestamp)
+}
+
+/// The `measured_at` of a record's first reading, without allocating the
+/// strings (`oldest()` reads only this).
+pub fn decode_measured_at(bytes: &[u8]) -> Result<DateTime<Utc>, DecodeError> {
+    let (n, mut r) = open_record(bytes)?;
+    if n > 0 {
+        r.varint("offset")?;
+    }
+    target_from_tag(r.u8("target")?)?;
+    read_measured_at(&mut r)
 }
 
 fn target_tag(target: Target) -> u8 {
@@ -218,6 +338,14 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// Nothing may follow the last field: a damaged length shows up here.
+    fn finish(&self) -> Result<(), DecodeError> {
+        match self.bytes.len() - self.pos {
+            0 => Ok(()),
+            rest => Err(DecodeError::TrailingBytes(rest)),
+        }
+    }
+
     fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
         let b = *self
             .bytes
@@ -305,14 +433,50 @@ mod tests {
         assert_eq!(decode_key(&[1; 15]), Err(DecodeError::BadKey));
     }
 
+    /// The first release's one-reading value (format version 1).
+    fn encode_legacy(r: &Reading) -> Vec<u8> {
+        let mut out = vec![LEGACY_VERSION];
+        put_reading(&mut out, r);
+        out
+    }
+
+    fn key(seq: u64) -> QueueKey {
+        QueueKey {
+            channel: ChannelId::new(1_234_567).unwrap(),
+            seq,
+        }
+    }
+
     #[test]
     fn numeric_reading_is_compact() {
         let r = reading(Value::Number(21.5), "esp-kitchen");
-        let bytes = encode_value(&r);
-        assert_eq!(bytes.len(), 33, "documented size changed");
-        assert_eq!(decode_value(r.channel, &bytes).unwrap(), r);
+        assert_eq!(encode_legacy(&r).len(), 33, "documented body size changed");
+        // Alone: version, checksum, count and offset around the body.
+        let one = encode_record(5, std::iter::once((5, &r)));
+        assert_eq!(one.len(), 39);
+        assert_eq!(
+            decode_record(key(5), &one).unwrap(),
+            vec![(key(5), r.clone())]
+        );
+        // Many share the key and the header: ~34 bytes a reading.
+        let many: Vec<(u64, &Reading)> = (0..100).map(|i| (100 + i, &r)).collect();
+        let bytes = encode_record(100, many.into_iter());
+        assert!(bytes.len() + KEY_LEN <= 100 * 34 + 10, "{}", bytes.len());
+        assert_eq!(record_len(&bytes).unwrap(), 100);
         let json = serde_json_len(&r);
-        assert!(json > 3 * bytes.len(), "json {json} vs {}", bytes.len());
+        assert!(json > 3 * 34, "json {json}");
+    }
+
+    #[test]
+    fn legacy_values_read_as_one_reading_records() {
+        let r = reading(Value::Number(1.0), "old");
+        let bytes = encode_legacy(&r);
+        assert_eq!(
+            decode_record(key(77), &bytes).unwrap(),
+            vec![(key(77), r.clone())]
+        );
+        assert_eq!(record_len(&bytes).unwrap(), 1);
+        assert_eq!(decode_measured_at(&bytes).unwrap(), r.measured_at);
     }
 
     fn serde_json_len(r: &Reading) -> usize {
@@ -331,24 +495,56 @@ mod tests {
 
     #[test]
     fn damaged_values_are_errors_not_panics() {
-        let good = encode_value(&reading(Value::Text("on".into()), "d"));
-        let ch = ChannelId::new(1).unwrap();
-        assert_eq!(decode_value(ch, &[]), Err(DecodeError::Empty));
-        assert_eq!(decode_value(ch, &[9]), Err(DecodeError::UnknownVersion(9)));
-        assert_eq!(decode_value(ch, &[1, 13]), Err(DecodeError::BadTarget(13)));
+        let a = reading(Value::Text("on".into()), "d");
+        let b = reading(Value::Number(2.0), "e");
+        let good = encode_record(10, [(10, &a), (12, &b)].into_iter());
+        // A record that lost its first reading keeps its key.
+        let rest = encode_record(10, [(12, &b)].into_iter());
+        assert_eq!(
+            decode_record(key(10), &rest).unwrap(),
+            vec![(key(12), b.clone())]
+        );
+        assert_eq!(decode_record(key(10), &good).unwrap().len(), 2);
+        assert_eq!(decode_record(key(1), &[]), Err(DecodeError::Empty));
+        assert_eq!(
+            decode_record(key(1), &[9]),
+            Err(DecodeError::UnknownVersion(9))
+        );
+        assert_eq!(
+            decode_record(key(1), &[LEGACY_VERSION, 13]),
+            Err(DecodeError::BadTarget(13))
+        );
         for cut in 1..good.len() {
-            assert!(decode_value(ch, &good[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                decode_record(key(10), &good[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
-        let mut trailing = good.clone();
+        // Every single flipped bit after the version is caught by the checksum.
+        for byte in 1..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[byte] ^= 1 << bit;
+                assert!(
+                    matches!(
+                        decode_record(key(10), &bad),
+                        Err(DecodeError::Checksum { .. })
+                    ),
+                    "byte {byte} bit {bit}"
+                );
+                assert!(record_len(&bad).is_err());
+            }
+        }
+        let mut trailing = encode_legacy(&a);
         trailing.push(0);
         assert_eq!(
-            decode_value(ch, &trailing),
+            decode_record(key(1), &trailing),
             Err(DecodeError::TrailingBytes(1))
         );
         let endless_varint = [
             1u8, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ];
-        assert!(decode_value(ch, &endless_varint).is_err());
+        assert!(decode_record(key(1), &endless_varint).is_err());
     }
 
     fn arb_reading() -> impl Strategy<Value = Reading> {
@@ -390,15 +586,43 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_reading_round_trips(r in arb_reading()) {
-            let bytes = encode_value(&r);
-            prop_assert_eq!(decode_value(r.channel, &bytes).unwrap(), r.clone());
-            prop_assert_eq!(decode_measured_at(&bytes).unwrap(), r.measured_at);
+        fn every_record_round_trips(
+            readings in proptest::collection::vec(arb_reading(), 1..20),
+            gaps in proptest::collection::vec(1u64..1000, 20),
+            first in 0u64..u64::MAX / 2,
+        ) {
+            let channel = readings[0].channel;
+            let readings: Vec<Reading> = readings
+                .into_iter()
+                .map(|r| Reading { channel, ..r })
+                .collect();
+            let mut seq = first;
+            let entries: Vec<(u64, &Reading)> = readings
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    if i > 0 {
+                        seq += gaps[i];
+                    }
+                    (seq, r)
+                })
+                .collect();
+            let bytes = encode_record(first, entries.clone().into_iter());
+            let k = QueueKey { channel, seq: first };
+            let decoded = decode_record(k, &bytes).unwrap();
+            let expected: Vec<(QueueKey, Reading)> = entries
+                .iter()
+                .map(|(s, r)| (QueueKey { channel, seq: *s }, (*r).clone()))
+                .collect();
+            prop_assert_eq!(decoded, expected);
+            prop_assert_eq!(record_len(&bytes).unwrap(), readings.len() as u64);
+            prop_assert_eq!(decode_measured_at(&bytes).unwrap(), readings[0].measured_at);
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = decode_value(ChannelId::new(1).unwrap(), &bytes);
+            let _ = decode_record(key(u64::MAX - 3), &bytes);
+            let _ = record_len(&bytes);
             let _ = decode_measured_at(&bytes);
         }
     }

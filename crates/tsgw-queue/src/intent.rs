@@ -9,9 +9,11 @@
 //! recovers a prefix of its log, so after a crash either the intent is gone
 //! (all chunks done) or it is there and opening the store finishes the job.
 
+use std::collections::BTreeSet;
+
 use tsgw_core::QueueKey;
 
-use crate::codec::{decode_key, encode_key, KEY_LEN};
+use crate::codec::{decode_key, decode_record, encode_key, encode_record, KEY_LEN};
 use crate::occupancy::Counts;
 
 /// Removals of more keys than this go in chunks behind an intent record.
@@ -49,25 +51,94 @@ pub fn decode(record: &[u8]) -> Result<Vec<QueueKey>, String> {
         .collect()
 }
 
+/// A batch removing those of `keys` still stored, with what it does to the
+/// records holding them.
+pub struct Removal {
+    pub batch: sled::Batch,
+    /// Each record touched, by its key, with the readings removed from it.
+    pub records: Vec<(QueueKey, u64)>,
+}
+
+impl Removal {
+    pub fn readings(&self) -> u64 {
+        self.records.iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// One batch removing those of `keys` still stored, with `counts` updated to
-/// match; also returns the keys it removes. Shared by the queue's removals
-/// and by open finishing an interrupted one.
+/// match. A record that loses all its readings is deleted; one that loses some
+/// is rewritten under its key with the rest. Shared by the queue's removals
+/// and by open finishing an interrupted one. A record that does not decode is
+/// left alone: the next peek drops and counts it.
 pub fn removal_batch(
     tree: &sled::Tree,
     keys: &[QueueKey],
     counts: &mut Counts,
-) -> Result<(sled::Batch, Vec<QueueKey>), sled::Error> {
-    let mut batch = sled::Batch::default();
-    let mut removed = Vec::new();
-    for key in keys {
-        let raw = encode_key(*key);
-        if let Some(v) = tree.get(raw)? {
-            counts.sub(key.channel, (KEY_LEN + v.len()) as u64);
-            batch.remove(&raw[..]);
-            removed.push(*key);
+) -> Result<Removal, sled::Error> {
+    let mut keys = keys.to_vec();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut removal = Removal {
+        batch: sled::Batch::default(),
+        records: Vec::new(),
+    };
+    let mut i = 0;
+    while let Some(&key) = keys.get(i) {
+        i += 1;
+        let Some((raw, value)) = record_holding(tree, key)? else {
+            continue;
+        };
+        let Ok(record_key) = decode_key(&raw) else {
+            continue;
+        };
+        let Ok(entries) = decode_record(record_key, &value) else {
+            continue;
+        };
+        let last = entries.last().map_or(record_key.seq, |(k, _)| k.seq);
+        let mut gone = BTreeSet::from([key.seq]);
+        while let Some(next) = keys
+            .get(i)
+            .filter(|k| k.channel == key.channel && k.seq <= last)
+        {
+            gone.insert(next.seq);
+            i += 1;
         }
+        let (taken, kept): (Vec<_>, Vec<_>) =
+            entries.iter().partition(|(k, _)| gone.contains(&k.seq));
+        if taken.is_empty() {
+            continue;
+        }
+        let old_bytes = (raw.len() + value.len()) as u64;
+        let new_bytes = if kept.is_empty() {
+            removal.batch.remove(raw);
+            0
+        } else {
+            let rest = encode_record(record_key.seq, kept.iter().map(|(k, r)| (k.seq, r)));
+            let len = (KEY_LEN + rest.len()) as u64;
+            removal.batch.insert(raw, rest);
+            len
+        };
+        counts.sub(
+            key.channel,
+            taken.len() as u64,
+            old_bytes.saturating_sub(new_bytes),
+        );
+        removal.records.push((record_key, taken.len() as u64));
     }
-    Ok((batch, removed))
+    Ok(removal)
+}
+
+/// The stored record that would hold `key`: the channel's last key at or below
+/// it (see `codec`). Whether it really holds `key` is up to its entries.
+fn record_holding(
+    tree: &sled::Tree,
+    key: QueueKey,
+) -> Result<Option<(sled::IVec, sled::IVec)>, sled::Error> {
+    let first = encode_key(QueueKey {
+        channel: key.channel,
+        seq: 0,
+    });
+    tree.range(first..=encode_key(key)).next_back().transpose()
 }
 
 #[cfg(test)]

@@ -42,24 +42,25 @@ pub struct Counts {
 }
 
 impl Counts {
-    pub fn add(&mut self, channel: ChannelId, bytes: u64) {
+    /// `readings` more readings of `channel`, taking `bytes` more on disk.
+    pub fn add(&mut self, channel: ChannelId, readings: u64, bytes: u64) {
         let c = self.per_channel.entry(channel).or_default();
-        c.readings += 1;
+        c.readings += readings;
         c.bytes += bytes;
-        self.total.readings += 1;
+        self.total.readings += readings;
         self.total.bytes += bytes;
     }
 
     /// Saturating, so a bookkeeping slip can never wrap the gauges to 2^64.
-    pub fn sub(&mut self, channel: ChannelId, bytes: u64) {
+    pub fn sub(&mut self, channel: ChannelId, readings: u64, bytes: u64) {
         if let Some(c) = self.per_channel.get_mut(&channel) {
-            c.readings = c.readings.saturating_sub(1);
+            c.readings = c.readings.saturating_sub(readings);
             c.bytes = c.bytes.saturating_sub(bytes);
             if c.readings == 0 {
                 self.per_channel.remove(&channel);
             }
         }
-        self.total.readings = self.total.readings.saturating_sub(1);
+        self.total.readings = self.total.readings.saturating_sub(readings);
         self.total.bytes = self.total.bytes.saturating_sub(bytes);
     }
 
@@ -144,9 +145,9 @@ mod tests {
         let a = ChannelId::new(2).unwrap();
         let b = ChannelId::new(1).unwrap();
         let mut c = Counts::default();
-        c.add(a, 40);
-        c.add(b, 30);
-        c.add(a, 40);
+        c.add(a, 1, 40);
+        c.add(b, 1, 30);
+        c.add(a, 1, 40);
         assert_eq!(c.channels(), vec![b, a]);
         assert_eq!(c.of(a).readings, 2);
         assert_eq!(c.of(ChannelId::new(3).unwrap()), Occupancy::default());
@@ -157,11 +158,11 @@ mod tests {
                 bytes: 110
             }
         );
-        c.sub(b, 30);
+        c.sub(b, 1, 30);
         assert_eq!(c.channels(), vec![a]);
-        c.sub(a, 40);
-        c.sub(a, 40);
-        c.sub(a, 40);
+        c.sub(a, 1, 40);
+        c.sub(a, 1, 40);
+        c.sub(a, 1, 40);
         assert_eq!(c.total(), Occupancy::default());
         assert!(c.channels().is_empty());
     }
@@ -170,9 +171,9 @@ mod tests {
     fn the_record_round_trips() {
         let mut c = Counts::default();
         assert_eq!(Counts::decode(&c.encode(0)).unwrap(), (c.clone(), 0));
-        c.add(ChannelId::new(7).unwrap(), 49);
-        c.add(ChannelId::new(u64::MAX).unwrap(), 60);
-        c.add(ChannelId::new(7).unwrap(), 51);
+        c.add(ChannelId::new(7).unwrap(), 1, 49);
+        c.add(ChannelId::new(u64::MAX).unwrap(), 1, 60);
+        c.add(ChannelId::new(7).unwrap(), 1, 51);
         let (back, covered) = Counts::decode(&c.encode(u64::MAX)).unwrap();
         assert_eq!(covered, u64::MAX);
         assert_eq!(back, c);
@@ -182,7 +183,7 @@ mod tests {
     #[test]
     fn damaged_records_are_refused() {
         let mut c = Counts::default();
-        c.add(ChannelId::new(7).unwrap(), 49);
+        c.add(ChannelId::new(7).unwrap(), 1, 49);
         let good = c.encode(3);
         assert!(Counts::decode(&[]).is_err());
         assert!(Counts::decode(&good[..5]).is_err());

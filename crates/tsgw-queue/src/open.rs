@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
 use tsgw_core::{ChannelId, Metrics, QueueKey};
 
-use crate::codec::{channel_prefix, decode_key, decode_value, encode_key, is_meta_key};
+use crate::codec::{channel_prefix, claimed_len, decode_key, encode_key, is_meta_key, record_len};
 use crate::config::QueueConfig;
 use crate::error::QueueError;
 use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
@@ -29,8 +29,13 @@ use crate::progress::{log_progress, report_while_open, OpenPhase, OpenProgress, 
 
 /// Key in sled's default tree naming the layout of the `readings` tree.
 const FORMAT_KEY: &[u8] = b"tsgw-queue-format";
-/// Value of [`FORMAT_KEY`] for this layout (see `codec`).
-const FORMAT_MARKER: &[u8] = b"tsgw-queue/1";
+/// Value of [`FORMAT_KEY`] for this layout (see `codec`): records of readings.
+const FORMAT_MARKER: &[u8] = b"tsgw-queue/2";
+/// The first release's layout (one reading per entry). Its entries still
+/// decode, so such a store is upgraded by rewriting the marker: a build that
+/// only knows `/1` then refuses (quarantines) the store instead of dropping
+/// the records it cannot read as damaged.
+const LEGACY_MARKER: &[u8] = b"tsgw-queue/1";
 const READINGS_TREE: &[u8] = b"readings";
 
 /// An open store with its counts.
@@ -225,6 +230,15 @@ fn check_format(db: &sled::Db, existed: bool) -> Result<(), Failure> {
         .map_err(|e| broken_unless_environment("reading the format marker", e))?;
     match marker {
         Some(m) if m.as_ref() == FORMAT_MARKER => Ok(()),
+        Some(m) if m.as_ref() == LEGACY_MARKER => {
+            db.insert(FORMAT_KEY, FORMAT_MARKER)
+                .map_err(|e| broken_unless_environment("upgrading the format marker", e))?;
+            info!(
+                "queue store upgraded to {:?}",
+                String::from_utf8_lossy(FORMAT_MARKER)
+            );
+            Ok(())
+        }
         Some(m) => Err(Failure::Broken(format!(
             "unknown store format {:?} (expected {:?})",
             String::from_utf8_lossy(&m),
@@ -304,8 +318,12 @@ fn stored_counts(
             }) {
                 let (k, v) =
                     item.map_err(|e| broken_unless_environment("counting recent readings", e))?;
-                counts.add(channel, (k.len() + v.len()) as u64);
-                progress.add(1);
+                let Ok(readings) = record_len(&v) else {
+                    // A damaged record: the full scan removes and counts it.
+                    return Ok(None);
+                };
+                counts.add(channel, readings, (k.len() + v.len()) as u64);
+                progress.add(readings);
             }
         }
     }
@@ -376,10 +394,10 @@ fn finish_interrupted_removal(
     let mut removed = 0;
     progress.enter(OpenPhase::FinishingRemoval);
     for chunk in keys.chunks(REMOVE_CHUNK) {
-        let (mut batch, keys) = intent::removal_batch(tree, chunk, counts).map_err(failed)?;
-        removed += keys.len();
-        batch.insert(COUNTS_KEY, counts.encode(max_seq));
-        tree.apply_batch(batch).map_err(failed)?;
+        let mut removal = intent::removal_batch(tree, chunk, counts).map_err(failed)?;
+        removed += removal.readings();
+        removal.batch.insert(COUNTS_KEY, counts.encode(max_seq));
+        tree.apply_batch(removal.batch).map_err(failed)?;
         progress.add(chunk.len() as u64);
     }
     tree.remove(INTENT_KEY).map_err(failed)?;
@@ -399,24 +417,29 @@ fn scan(
     let mut counts = Counts::default();
     let mut max_seq = 0;
     let mut corrupt: Vec<(sled::IVec, String)> = Vec::new();
+    let mut corrupt_readings = 0;
     let mut per_channel_corrupt: BTreeMap<String, u64> = BTreeMap::new();
     for item in tree.iter() {
         let (k, v) = item.map_err(|e| broken_unless_environment("scanning the queue", e))?;
         if is_meta_key(&k) {
             continue;
         }
-        let decoded = decode_key(&k).and_then(|key| decode_value(key.channel, &v).map(|_| key));
+        // The checksum covers every byte of a record; a damaged reading field
+        // in a legacy value is still caught by the strict decode at peek.
+        let decoded = decode_key(&k).and_then(|key| record_len(&v).map(|n| (key, n)));
         match decoded {
-            Ok(key) => {
-                counts.add(key.channel, (k.len() + v.len()) as u64);
+            Ok((key, readings)) => {
+                counts.add(key.channel, readings, (k.len() + v.len()) as u64);
                 max_seq = max_seq.max(key.seq);
-                progress.add(1);
+                progress.add(readings);
             }
             Err(e) => {
                 let channel = decode_key(&k)
                     .map(|key| key.channel.to_string())
                     .unwrap_or_else(|_| "?".into());
-                *per_channel_corrupt.entry(channel).or_default() += 1;
+                let readings = claimed_len(&v);
+                *per_channel_corrupt.entry(channel).or_default() += readings;
+                corrupt_readings += readings;
                 corrupt.push((k, e.to_string()));
             }
         }
@@ -431,13 +454,14 @@ fn scan(
         metrics
             .queue_dropped_total
             .with_label_values(&["corrupt"])
-            .inc_by(corrupt.len() as u64);
+            .inc_by(corrupt_readings);
         let first_reason = &corrupt[0].1;
-        warn!(
-            dropped = corrupt.len(),
+        error!(
+            dropped = corrupt_readings,
+            records = corrupt.len(),
             per_channel = ?per_channel_corrupt,
             first_reason = %first_reason,
-            "removed queued readings that could not be decoded"
+            "removed damaged queue records (their checksum or layout is wrong)"
         );
     }
     Ok((counts, max_seq))

@@ -25,7 +25,8 @@ use tracing::{error, info, warn};
 use tsgw_core::{ChannelId, Metrics, QueueKey, Queued, Reading, ReadingStore, StoreError};
 
 use crate::codec::{
-    channel_prefix, decode_key, decode_measured_at, decode_value, encode_key, encode_value, KEY_LEN,
+    channel_prefix, claimed_len, decode_key, decode_measured_at, decode_record, encode_key,
+    encode_record, record_len, KEY_LEN, MAX_RECORD_READINGS,
 };
 use crate::config::QueueConfig;
 use crate::droplog::DropLog;
@@ -80,11 +81,24 @@ struct State {
     full_log: DropLog,
 }
 
-/// One stored reading chosen for eviction.
+/// One stored record chosen for eviction.
 struct Victim {
     key: QueueKey,
     raw_key: sled::IVec,
     bytes: u64,
+    readings: u64,
+}
+
+/// Seqs reserved for each record: its readings are `key seq + 0..n`, and the
+/// next record's key starts past them (see `next_record_seq`).
+const SEQS_PER_RECORD: u64 = 1 << 16;
+const _: () = assert!(MAX_RECORD_READINGS as u64 <= SEQS_PER_RECORD);
+
+/// One push's readings of one channel, encoded, before it has a key.
+struct NewRecord {
+    channel: ChannelId,
+    readings: u64,
+    value: Vec<u8>,
 }
 
 impl DurableQueue {
@@ -135,13 +149,10 @@ impl DurableQueue {
         if readings.is_empty() {
             return Ok(());
         }
-        let encoded: Vec<(ChannelId, Vec<u8>)> = readings
+        let records = records_of(readings);
+        let batch_bytes: u64 = records
             .iter()
-            .map(|r| (r.channel, encode_value(r)))
-            .collect();
-        let batch_bytes: u64 = encoded
-            .iter()
-            .map(|(_, v)| (KEY_LEN + v.len()) as u64)
+            .map(|r| (KEY_LEN + r.value.len()) as u64)
             .sum();
         let max_bytes = self.inner.config.max_bytes;
         if batch_bytes > max_bytes {
@@ -166,34 +177,39 @@ impl DurableQueue {
 
         let mut counts = state.counts.clone();
         for v in &victims {
-            counts.sub(v.key.channel, v.bytes);
+            counts.sub(v.key.channel, v.readings, v.bytes);
         }
-        let mut writes = Vec::with_capacity(encoded.len());
-        for (channel, value) in encoded {
+        let mut writes = Vec::with_capacity(records.len());
+        for record in records {
             let key = QueueKey {
-                channel,
-                seq: self.next_seq(&store, &mut state)?,
+                channel: record.channel,
+                seq: self.next_record_seq(&store, &mut state, record.readings)?,
             };
-            counts.add(channel, (KEY_LEN + value.len()) as u64);
-            writes.push((key, value));
+            counts.add(
+                record.channel,
+                record.readings,
+                (KEY_LEN + record.value.len()) as u64,
+            );
+            writes.push((key, record));
         }
         self.write(&store, &victims, &writes, &counts, state.last_seq)?;
         state.counts = counts;
         state.recorded = !victims.is_empty();
         for v in &victims {
-            state.unflushed.gone(v.key);
+            state.unflushed.gone(v.key, v.readings);
         }
-        for (key, _) in writes {
-            state.unflushed.pushed(key);
+        for (key, record) in writes {
+            state.unflushed.pushed(key, record.readings);
         }
+        let dropped: u64 = victims.iter().map(|v| v.readings).sum();
         self.update_count_gauges(&state.counts);
-        if !victims.is_empty() {
+        if dropped > 0 {
             self.inner
                 .metrics
                 .queue_dropped_total
                 .with_label_values(&["full"])
-                .inc_by(victims.len() as u64);
-            if let Some(n) = state.full_log.record(victims.len() as u64, Instant::now()) {
+                .inc_by(dropped);
+            if let Some(n) = state.full_log.record(dropped, Instant::now()) {
                 warn!(
                     dropped = n,
                     max_bytes,
@@ -208,24 +224,25 @@ impl DurableQueue {
 
     /// Stores one push: atomically, so a crash never keeps part of it.
     ///
-    /// A single reading is one `insert` (atomic by itself); several go into one
-    /// sled batch. Batches are not used for everything because sled 0.34 seals
-    /// its log buffer for each one: measured with 100k one-reading pushes,
-    /// batches ran at ~6,500 pushes/s and wrote 3-12x the bytes per flush,
-    /// inserts at ~70,000/s. A push that evicts readings is a removal, so it
-    /// carries the counts record (see `occupancy`) and is always a batch.
+    /// A push of one channel's readings is one record, one `insert` (atomic by
+    /// itself); records of several channels go into one sled batch. Batches
+    /// are not used for everything because sled 0.34 seals its log buffer for
+    /// each one: measured with 100k one-reading pushes, batches ran at ~6,500
+    /// pushes/s and wrote 3-12x the bytes per flush, inserts at ~70,000/s. A
+    /// push that evicts readings is a removal, so it carries the counts record
+    /// (see `occupancy`) and is always a batch.
     fn write(
         &self,
         store: &Store,
         victims: &[Victim],
-        writes: &[(QueueKey, Vec<u8>)],
+        writes: &[(QueueKey, NewRecord)],
         counts: &Counts,
         covered_seq: u64,
     ) -> Result<(), QueueError> {
-        if let ([], [(key, value)]) = (victims, writes) {
+        if let ([], [(key, record)]) = (victims, writes) {
             store
                 .readings
-                .insert(encode_key(*key), value.as_slice())
+                .insert(encode_key(*key), record.value.as_slice())
                 .map_err(self.failure("push"))?;
             self.inner.dirty.store(true, Ordering::Release);
             return Ok(());
@@ -234,8 +251,8 @@ impl DurableQueue {
         for v in victims {
             batch.remove(v.raw_key.clone());
         }
-        for (key, value) in writes {
-            batch.insert(&encode_key(*key)[..], value.as_slice());
+        for (key, record) in writes {
+            batch.insert(&encode_key(*key)[..], record.value.as_slice());
         }
         if victims.is_empty() {
             store
@@ -441,25 +458,25 @@ impl DurableQueue {
     /// flush: count and log them as `write_error` drops.
     fn count_lost_unflushed(&self, state: &mut State, reopened: &sled::Tree) {
         let candidates = state.unflushed.take();
-        let lost: Vec<QueueKey> = candidates
-            .into_iter()
-            // A read error counts the reading as lost: it cannot be delivered either.
-            .filter(|k| !matches!(reopened.contains_key(encode_key(*k)), Ok(true)))
-            .collect();
-        if lost.is_empty() {
-            return;
-        }
         let mut per_channel = std::collections::BTreeMap::<u64, u64>::new();
-        for k in &lost {
-            *per_channel.entry(k.channel.get()).or_default() += 1;
+        let mut lost = 0;
+        // A read error counts the readings as lost: they cannot be delivered either.
+        for (key, readings) in candidates {
+            if !matches!(reopened.contains_key(encode_key(key)), Ok(true)) {
+                *per_channel.entry(key.channel.get()).or_default() += readings;
+                lost += readings;
+            }
+        }
+        if lost == 0 {
+            return;
         }
         self.inner
             .metrics
             .queue_dropped_total
             .with_label_values(&["write_error"])
-            .inc_by(lost.len() as u64);
+            .inc_by(lost);
         error!(
-            lost = lost.len(),
+            lost,
             ?per_channel,
             dir = %self.inner.config.dir.display(),
             "readings accepted since the last successful queue flush were lost when the disk failed"
@@ -475,23 +492,37 @@ impl DurableQueue {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A seq above every seq ever handed out, also across restarts: sled's
-    /// persisted id generator survives crashes (it skips ahead on recovery), and
-    /// `last_seq` (seeded with the highest stored seq) guards against it ever
-    /// going backwards.
-    fn next_seq(&self, store: &Store, state: &mut State) -> Result<u64, QueueError> {
+    /// The key seq of a new record of `readings` readings, reserving the seqs
+    /// of its readings: above every seq ever handed out, also across restarts.
+    /// sled's persisted id generator survives crashes (it skips ahead on
+    /// recovery) and each id owns [`SEQS_PER_RECORD`] seqs; `last_seq`
+    /// (seeded with the highest stored key) guards against ever going back,
+    /// also into a store of one-reading entries written before records.
+    fn next_record_seq(
+        &self,
+        store: &Store,
+        state: &mut State,
+        readings: u64,
+    ) -> Result<u64, QueueError> {
         let id = store
             .db
             .generate_id()
             .map_err(self.failure("generating a sequence number"))?;
-        let seq = id.max(state.last_seq + 1);
-        state.last_seq = seq;
+        // 2^48 ids at 1 million records a second last nine years; saturating
+        // keeps even that ordered.
+        let after_last = (state.last_seq / SEQS_PER_RECORD)
+            .saturating_add(1)
+            .saturating_mul(SEQS_PER_RECORD);
+        let seq = id.saturating_mul(SEQS_PER_RECORD).max(after_last);
+        state.last_seq = seq.saturating_add(readings.saturating_sub(1));
         Ok(seq)
     }
 
-    /// The globally oldest readings (lowest seq across all channels) whose
-    /// encoded size adds up to at least `need` bytes: a k-way merge over the
-    /// channels' prefix scans, so only the heads are read.
+    /// The globally oldest records (lowest seq across all channels) whose
+    /// stored size adds up to at least `need` bytes: a k-way merge over the
+    /// channels' prefix scans, so only the heads are read. Whole records go:
+    /// a record holds one push, so this drops at most one push's worth more
+    /// than needed.
     fn oldest_victims(
         &self,
         store: &Store,
@@ -507,7 +538,7 @@ impl DurableQueue {
         for (i, it) in iters.iter_mut().enumerate() {
             if let Some(item) = it.next() {
                 let (k, v) = item?;
-                heap.push(Reverse(head(i, k, v.len())));
+                heap.push(Reverse(head(i, k, &v)));
             }
         }
         let mut victims = Vec::new();
@@ -520,45 +551,55 @@ impl DurableQueue {
                     key,
                     raw_key: h.raw_key,
                     bytes: h.bytes,
+                    readings: h.readings,
                 });
             }
             if let Some(item) = iters.get_mut(h.iter).and_then(Iterator::next) {
                 let (k, v) = item?;
-                heap.push(Reverse(head(h.iter, k, v.len())));
+                heap.push(Reverse(head(h.iter, k, &v)));
             }
         }
         Ok(victims)
     }
 
-    /// Removes entries that failed to decode, counting and logging each.
+    /// Removes records that failed to decode (a checksum that does not match,
+    /// a layout this build does not know), counting the readings each says it
+    /// held and logging each. The rest of the channel still drains.
     fn drop_corrupt(&self, entries: Vec<(sled::IVec, String)>) {
         let mut state = self.lock();
         let Ok(store) = self.store() else { return };
         let mut batch = sled::Batch::default();
         let mut counts = state.counts.clone();
         let mut removed = 0;
+        let mut touched = false;
         for (raw_key, reason) in entries {
             match store.readings.get(&raw_key) {
                 Ok(Some(v)) => {
                     let key = decode_key(&raw_key).ok();
+                    let readings = claimed_len(&v);
                     error!(
                         channel = key.map(|k| k.channel.get()),
                         seq = key.map(|k| k.seq),
+                        readings,
                         %reason,
-                        "dropping a queued reading that cannot be decoded"
+                        "dropping a queued record that cannot be decoded"
                     );
                     if let Some(key) = key {
-                        counts.sub(key.channel, (raw_key.len() + v.len()) as u64);
-                        state.unflushed.gone(key);
+                        // Never more than the channel holds: the count itself
+                        // may be what is damaged.
+                        let readings = readings.min(counts.of(key.channel).readings);
+                        counts.sub(key.channel, readings, (raw_key.len() + v.len()) as u64);
+                        state.unflushed.gone(key, readings);
+                        removed += readings;
                     }
                     batch.remove(raw_key);
-                    removed += 1;
+                    touched = true;
                 }
                 Ok(None) => {}
                 Err(e) => error!(error = %e, "reading a corrupt queue entry failed"),
             }
         }
-        if removed == 0 {
+        if !touched {
             return;
         }
         if let Err(e) = self.apply_with_counts(
@@ -590,11 +631,16 @@ impl DurableQueue {
                 break;
             }
             let (k, v) = item.map_err(self.failure("peek"))?;
-            let decoded = decode_key(&k).and_then(|key| {
-                decode_value(key.channel, &v).map(|reading| Queued { key, reading })
-            });
-            match decoded {
-                Ok(q) => out.push(q),
+            match decode_key(&k).and_then(|key| decode_record(key, &v)) {
+                Ok(entries) => {
+                    let room = max - out.len();
+                    out.extend(
+                        entries
+                            .into_iter()
+                            .take(room)
+                            .map(|(key, reading)| Queued { key, reading }),
+                    );
+                }
                 Err(e) => corrupt.push((k, e.to_string())),
             }
         }
@@ -639,16 +685,16 @@ impl DurableQueue {
         keys: &[QueueKey],
     ) -> Result<(), QueueError> {
         let mut counts = state.counts.clone();
-        let (batch, removed) = intent::removal_batch(&store.readings, keys, &mut counts)
+        let removal = intent::removal_batch(&store.readings, keys, &mut counts)
             .map_err(self.failure("remove"))?;
-        if removed.is_empty() {
+        if removal.records.is_empty() {
             return Ok(());
         }
-        self.apply_with_counts(store, batch, &counts, state.last_seq, "remove")?;
+        self.apply_with_counts(store, removal.batch, &counts, state.last_seq, "remove")?;
         state.counts = counts;
         state.recorded = true;
-        for key in removed {
-            state.unflushed.gone(key);
+        for (key, readings) in removal.records {
+            state.unflushed.gone(key, readings);
         }
         self.update_count_gauges(&state.counts);
         Ok(())
@@ -666,17 +712,46 @@ struct Head {
     key: Option<QueueKey>,
     raw_key: sled::IVec,
     bytes: u64,
+    readings: u64,
 }
 
-fn head(iter: usize, raw_key: sled::IVec, value_len: usize) -> Head {
+fn head(iter: usize, raw_key: sled::IVec, value: &[u8]) -> Head {
     let key = decode_key(&raw_key).ok();
     Head {
         seq: key.map_or(0, |k| k.seq),
         iter,
         key,
-        bytes: (raw_key.len() + value_len) as u64,
+        bytes: (raw_key.len() + value.len()) as u64,
+        // A damaged record is evicted for what it says it held.
+        readings: record_len(value).unwrap_or_else(|_| claimed_len(value)),
         raw_key,
     }
+}
+
+/// A push's readings as records: one per channel (in arrival order), split
+/// at [`MAX_RECORD_READINGS`].
+fn records_of(readings: &[Reading]) -> Vec<NewRecord> {
+    let mut by_channel: Vec<(ChannelId, Vec<&Reading>)> = Vec::new();
+    for reading in readings {
+        match by_channel.iter_mut().find(|(c, _)| *c == reading.channel) {
+            Some((_, group)) => group.push(reading),
+            None => by_channel.push((reading.channel, vec![reading])),
+        }
+    }
+    let mut records = Vec::new();
+    for (channel, group) in by_channel {
+        for chunk in group.chunks(MAX_RECORD_READINGS) {
+            // Offsets from the record's key seq: the queue hands out
+            // consecutive seqs to a record's readings.
+            let entries = chunk.iter().enumerate().map(|(i, r)| (i as u64, *r));
+            records.push(NewRecord {
+                channel,
+                readings: chunk.len() as u64,
+                value: encode_record(0, entries),
+            });
+        }
+    }
+    records
 }
 
 impl Drop for Store {
@@ -801,7 +876,7 @@ mod tests {
     #[test]
     fn full_queue_drops_globally_oldest_and_stays_bounded() {
         let tmp = tempfile::tempdir().unwrap();
-        let per_reading = (KEY_LEN + encode_value(&reading(1, 0.0)).len()) as u64;
+        let per_reading = crate::codec::single_reading_len(&reading(1, 0.0)) as u64;
         let max = 10 * per_reading;
         let (q, metrics) = open(tmp.path(), 1024.max(max));
         let capacity = q.inner.config.max_bytes / per_reading;
@@ -852,7 +927,7 @@ mod tests {
             .readings
             .insert(bad_key, &[7u8, 1, 2][..])
             .unwrap();
-        q.lock().counts.add(ch(1), (KEY_LEN + 3) as u64);
+        q.lock().counts.add(ch(1), 1, (KEY_LEN + 3) as u64);
         q.lock().last_seq += 1;
         q.push(&[reading(1, 2.0)]).unwrap();
         assert_eq!(q.len(), 3);
@@ -937,27 +1012,114 @@ mod tests {
         {
             let (q, _) = open(tmp.path(), 1 << 20);
             q.push(&[reading(1, 1.0), reading(1, 2.0)]).unwrap();
+            q.push(&[reading(1, 3.0)]).unwrap();
             let first = q.peek(ch(1), 1).unwrap()[0].key;
-            // Damage the first value on disk (an unknown format version).
-            q.store()
-                .unwrap()
+            // Damage the first record on disk: one flipped bit in its last reading.
+            let store = q.store().unwrap();
+            let mut value = store
                 .readings
-                .insert(encode_key(first), &[200u8, 0, 0][..])
-                .unwrap();
+                .get(encode_key(first))
+                .unwrap()
+                .unwrap()
+                .to_vec();
+            *value.last_mut().unwrap() ^= 0x10;
+            store.readings.insert(encode_key(first), value).unwrap();
         }
-        // Open trusts the counts record; the damage shows when the value is read.
+        // The records were pushed after the last counts record, so open
+        // counts them, and the checksum catches the damage there: the
+        // record's two readings are dropped and counted before anything drains.
         let (q, metrics) = open(tmp.path(), 1 << 20);
-        assert_eq!(q.len(), 2);
-        assert_eq!(values(&q, 1), vec![2.0]);
+        assert_eq!(q.len(), 1);
+        assert_eq!(values(&q, 1), vec![3.0]);
         assert_eq!(
             metrics
                 .queue_dropped_total
                 .with_label_values(&["corrupt"])
                 .get(),
-            1
+            2
         );
         assert_eq!(q.len(), 1);
         assert_eq!(metrics.queue_readings.get(), 1);
+    }
+
+    #[test]
+    fn a_store_of_one_reading_entries_is_upgraded_and_drains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        {
+            // What the first release wrote: marker /1, one version-1 value per key.
+            let db = sled::open(&dir).unwrap();
+            db.insert(b"tsgw-queue-format", b"tsgw-queue/1").unwrap();
+            let tree = db.open_tree(b"readings").unwrap();
+            let mut legacy = vec![1u8, 1];
+            legacy.extend_from_slice(&[0x80, 0xb8, 0xd9, 0xcd, 0x0d]); // zigzag(1_764_000_000)
+            legacy.push(0); // nanos
+            legacy.push(0);
+            legacy.extend_from_slice(&7.5f64.to_le_bytes());
+            legacy.push(1);
+            legacy.extend_from_slice(&[3, b'o', b'l', b'd']);
+            tree.insert(
+                encode_key(QueueKey {
+                    channel: ch(1),
+                    seq: 5,
+                }),
+                legacy,
+            )
+            .unwrap();
+            db.flush().unwrap();
+        }
+        let (q, _) = open(tmp.path(), 1 << 20);
+        assert_eq!(q.len(), 1);
+        q.push(&[reading(1, 8.0), reading(1, 9.0)]).unwrap();
+        let queued = q.peek(ch(1), 10).unwrap();
+        let got: Vec<(u64, f64)> = queued
+            .iter()
+            .map(|q| (q.key.seq, q.reading.value.as_f64().unwrap()))
+            .collect();
+        assert_eq!(got[0], (5, 7.5));
+        assert_eq!(queued[0].reading.origin.device, "old");
+        assert_eq!(
+            got.iter().map(|g| g.1).collect::<Vec<_>>(),
+            vec![7.5, 8.0, 9.0]
+        );
+        assert!(got[1].0 > 5 && got[2].0 == got[1].0 + 1, "{got:?}");
+        let marker = q
+            .inner
+            .store
+            .read()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .db
+            .get(b"tsgw-queue-format");
+        assert_eq!(marker.unwrap().unwrap().as_ref(), b"tsgw-queue/2");
+    }
+
+    #[test]
+    fn removing_part_of_a_record_keeps_the_rest_across_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let batch: Vec<Reading> = (0..10).map(|i| reading(1, i as f64)).collect();
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            q.push(&batch).unwrap();
+            let queued = q.peek(ch(1), 10).unwrap();
+            // The middle and the first go; the rest stay under the record's key.
+            let gone: Vec<QueueKey> = [0, 4, 5].iter().map(|&i| queued[i].key).collect();
+            q.remove(&gone).unwrap();
+            assert_eq!(values(&q, 1), vec![1.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0]);
+            assert_eq!(q.len(), 7);
+            let before = q.bytes();
+            q.remove(&[queued[1].key]).unwrap();
+            assert!(q.bytes() < before);
+            assert_eq!(counted_by_scan(&q), q.lock().counts);
+        }
+        let (q, _) = open(tmp.path(), 1 << 20);
+        assert_eq!(values(&q, 1), vec![2.0, 3.0, 6.0, 7.0, 8.0, 9.0]);
+        assert_eq!(counted_by_scan(&q), q.lock().counts);
+        let all: Vec<QueueKey> = q.peek(ch(1), 100).unwrap().iter().map(|q| q.key).collect();
+        q.remove(&all).unwrap();
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
     }
 
     /// Per-channel readings and bytes by reading every entry, to check the record.
@@ -966,7 +1128,11 @@ mod tests {
         for item in q.store().unwrap().readings.iter() {
             let (k, v) = item.unwrap();
             if let Ok(key) = decode_key(&k) {
-                counts.add(key.channel, (k.len() + v.len()) as u64);
+                counts.add(
+                    key.channel,
+                    record_len(&v).unwrap(),
+                    (k.len() + v.len()) as u64,
+                );
             }
         }
         counts
@@ -1043,7 +1209,7 @@ mod tests {
             assert_eq!(q.lock().counts, expected);
             // A record that forgot a channel (channel 2 is missing).
             let mut wrong = Counts::default();
-            wrong.add(ch(1), 49);
+            wrong.add(ch(1), 1, 49);
             q.store()
                 .unwrap()
                 .readings

@@ -1,6 +1,7 @@
 //! Property test: any sequence of pushes, removals and reopens leaves the queue
 //! exactly where a simple in-memory model says: same readings, same order per
-//! channel, same byte count, oldest-first eviction across channels.
+//! channel, same byte count, oldest-first eviction (of whole records) across
+//! channels.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::collections::VecDeque;
 
 use proptest::prelude::*;
 use tsgw_core::{Metrics, Reading, ReadingStore};
-use tsgw_queue::codec::{encode_value, KEY_LEN};
+use tsgw_queue::codec::{encode_record, KEY_LEN};
 use tsgw_queue::{DurableQueue, QueueConfig};
 
 const MAX_BYTES: u64 = 2048;
@@ -31,43 +32,74 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Queue contents in push order: (channel, value, encoded bytes).
+/// One stored record as the model sees it: a push's readings of one channel,
+/// each with its offset from the record's key.
+struct Record {
+    channel: u64,
+    entries: Vec<(u64, Reading)>,
+}
+
+impl Record {
+    fn bytes(&self) -> u64 {
+        let value = encode_record(0, self.entries.iter().map(|(off, r)| (*off, r)));
+        (KEY_LEN + value.len()) as u64
+    }
+}
+
+/// Queue contents in push order, as records (see tsgw_queue::codec).
 #[derive(Default)]
 struct Model {
-    items: VecDeque<(u64, u64, u64)>,
+    records: VecDeque<Record>,
+}
+
+fn value(r: &Reading) -> u64 {
+    r.value.as_f64().unwrap() as u64
 }
 
 impl Model {
     fn bytes(&self) -> u64 {
-        self.items.iter().map(|i| i.2).sum()
+        self.records.iter().map(Record::bytes).sum()
     }
 
+    fn len(&self) -> u64 {
+        self.records.iter().map(|r| r.entries.len() as u64).sum()
+    }
+
+    /// One record per channel, in the order the channels first appear.
     fn push(&mut self, batch: &[Reading]) {
-        let add: Vec<_> = batch
-            .iter()
-            .map(|r| {
-                let size = (KEY_LEN + encode_value(r).len()) as u64;
-                (r.channel.get(), r.value.as_f64().unwrap() as u64, size)
-            })
-            .collect();
-        let need: u64 = add.iter().map(|a| a.2).sum();
-        while self.bytes() + need > MAX_BYTES {
-            self.items.pop_front();
+        let mut add: Vec<Record> = Vec::new();
+        for r in batch {
+            let channel = r.channel.get();
+            match add.iter_mut().find(|rec| rec.channel == channel) {
+                Some(rec) => rec.entries.push((rec.entries.len() as u64, r.clone())),
+                None => add.push(Record {
+                    channel,
+                    entries: vec![(0, r.clone())],
+                }),
+            }
         }
-        self.items.extend(add);
+        let need: u64 = add.iter().map(Record::bytes).sum();
+        // Eviction takes whole records, oldest first.
+        while self.bytes() + need > MAX_BYTES {
+            self.records.pop_front();
+        }
+        self.records.extend(add);
     }
 
     fn channel(&self, channel: u64) -> Vec<u64> {
-        self.items
+        self.records
             .iter()
-            .filter(|i| i.0 == channel)
-            .map(|i| i.1)
+            .filter(|rec| rec.channel == channel)
+            .flat_map(|rec| rec.entries.iter().map(|(_, r)| value(r)))
             .collect()
     }
 
+    /// A record that keeps some readings keeps their offsets.
     fn remove(&mut self, channel: u64, values: &[u64]) {
-        self.items
-            .retain(|i| !(i.0 == channel && values.contains(&i.1)));
+        for rec in self.records.iter_mut().filter(|rec| rec.channel == channel) {
+            rec.entries.retain(|(_, r)| !values.contains(&value(r)));
+        }
+        self.records.retain(|rec| !rec.entries.is_empty());
     }
 }
 
@@ -116,7 +148,7 @@ proptest! {
                     queue = DurableQueue::open(&config(&dir), Metrics::new()).unwrap();
                 }
             }
-            prop_assert_eq!(queue.len(), model.items.len() as u64);
+            prop_assert_eq!(queue.len(), model.len());
             prop_assert_eq!(queue.bytes(), model.bytes());
             prop_assert!(queue.bytes() <= MAX_BYTES);
         }

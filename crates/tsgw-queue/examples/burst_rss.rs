@@ -1,0 +1,67 @@
+//! Pushes a burst of readings into a fresh queue the way the gateway's writer
+//! does (batches, a flush each interval) and prints throughput and peak RSS.
+//! `cargo run --release -p tsgw-queue --example burst_rss -- [readings] [batch]`
+//! Used to find where the gateway's memory goes during a burst (see
+//! crates/tsgw-bench/README.md, "Footprint").
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tsgw_core::{ChannelId, Field, Metrics, Origin, Reading, SourceKind, Target, Value};
+use tsgw_queue::{DurableQueue, QueueConfig};
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let total: usize = args.next().map_or(Ok(1_000_000), |a| a.parse())?;
+    let batch: usize = args.next().map_or(Ok(400), |a| a.parse())?;
+    let dir = tempfile::tempdir()?;
+    let config = QueueConfig {
+        dir: dir.path().join("q"),
+        max_bytes: 512 << 20,
+        ..QueueConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let queue = DurableQueue::open(&config, Metrics::new())?;
+    let channel = ChannelId::new(1001)?;
+    let start = Instant::now();
+    let mut last_flush = Instant::now();
+    let mut pushed = 0;
+    while pushed < total {
+        let n = batch.min(total - pushed);
+        let readings: Vec<Reading> = (0..n)
+            .map(|i| Reading {
+                channel,
+                target: Target::Field(Field::new(1).expect("field1")),
+                value: Value::Number((pushed + i) as f64),
+                measured_at: Utc::now(),
+                origin: Origin::new(SourceKind::Mqtt, "burst"),
+            })
+            .collect();
+        queue.push(&readings)?;
+        pushed += n;
+        if last_flush.elapsed() >= Duration::from_millis(config.flush_interval_ms) {
+            rt.block_on(queue.flush())?;
+            last_flush = Instant::now();
+        }
+    }
+    rt.block_on(queue.flush())?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "pushed {total} readings in batches of {batch}: {:.0} readings/s, peak RSS {:.1} MiB, queue {} bytes",
+        total as f64 / secs,
+        peak_rss_kib() as f64 / 1024.0,
+        queue.bytes()
+    );
+    Ok(())
+}
