@@ -21,7 +21,9 @@
 //! - **Crash-tested**: `tests/crash.rs` SIGKILLs a writer mid-stream again and
 //!   again and checks every reading it had flushed; that covers a process dying
 //!   at any instruction, not a power cut (the page cache survives a kill), so
-//!   power-loss safety rests on sled's fsync ordering.
+//!   power-loss safety rests on sled's fsync ordering. sled never fsyncs its
+//!   `conf` nor any directory, so every open fsyncs the store's files, its
+//!   directory and the parent before returning (see `durable_dir`).
 //! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, and a
 //!   counts record written atomically with every change lets a big backlog
 //!   open without a scan (see `occupancy`).
@@ -31,6 +33,7 @@
 pub mod codec;
 mod config;
 mod droplog;
+mod durable_dir;
 mod error;
 mod flusher;
 mod intent;

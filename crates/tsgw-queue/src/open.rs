@@ -22,6 +22,7 @@ use tsgw_core::{ChannelId, Metrics, QueueKey};
 
 use crate::codec::{channel_prefix, claimed_len, decode_key, encode_key, is_meta_key, record_len};
 use crate::config::QueueConfig;
+use crate::durable_dir;
 use crate::error::QueueError;
 use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
@@ -189,7 +190,10 @@ fn try_open(
         .mode(sled::Mode::LowSpace);
 
     // sled writes `conf` when it creates a store; our marker follows at once.
-    let existed = config.dir.join("conf").is_file();
+    // An empty `conf` (sled: 8 bytes or less) is a creation a power cut
+    // interrupted before `durable_dir` synced it: nothing was acked into it.
+    let existed =
+        std::fs::metadata(config.dir.join("conf")).is_ok_and(|m| m.is_file() && m.len() > 8);
 
     // sled 0.34 can panic (rather than return an error) on some damaged files.
     let db = match catch_unwind(AssertUnwindSafe(|| sled_config.open())) {
@@ -204,6 +208,8 @@ fn try_open(
     };
 
     check_format(&db, existed)?;
+    durable_dir::sync_store(&config.dir)
+        .map_err(|e| Failure::Environment(sled::Error::Io(e.into_io())))?;
     let readings = db
         .open_tree(READINGS_TREE)
         .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
