@@ -58,10 +58,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     rt.block_on(queue.flush())?;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "pushed {total} readings in batches of {batch}: {:.0} readings/s, peak RSS {:.1} MiB, queue {} bytes",
+        "pushed {total} readings in batches of {batch}: {:.0} readings/s, peak RSS {:.1} MiB, queue {} bytes, on disk {:.1} MiB",
         total as f64 / secs,
         peak_rss_kib() as f64 / 1024.0,
-        queue.bytes()
+        queue.bytes(),
+        dir_bytes(&config.dir) as f64 / (1 << 20) as f64,
+    );
+    // Drain it as the forwarder does (peek, remove), then see what the store
+    // keeps on disk.
+    let drain_start = Instant::now();
+    let channel_store: &dyn tsgw_core::ReadingStore = &queue;
+    loop {
+        let batch = channel_store.peek(channel, 10_000)?;
+        if batch.is_empty() {
+            break;
+        }
+        let keys: Vec<_> = batch.iter().map(|q| q.key).collect();
+        channel_store.remove(&keys)?;
+    }
+    rt.block_on(queue.flush())?;
+    println!(
+        "drained in {:.1} s: store on disk {:.1} MiB, peak RSS {:.1} MiB",
+        drain_start.elapsed().as_secs_f64(),
+        dir_bytes(&config.dir) as f64 / (1 << 20) as f64,
+        peak_rss_kib() as f64 / 1024.0,
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    rt.block_on(queue.flush())?;
+    println!(
+        "5 s later: store on disk {:.1} MiB",
+        dir_bytes(&config.dir) as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// Bytes allocated on disk by the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match entry.metadata() {
+            Ok(m) if m.is_dir() => total += dir_bytes(&entry.path()),
+            Ok(m) => total += m.blocks() * 512,
+            Err(_) => {}
+        }
+    }
+    total
 }

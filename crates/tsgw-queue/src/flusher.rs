@@ -7,6 +7,7 @@
 //! and, after a storage error, tries to reopen the store.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -14,6 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use crate::queue::DurableQueue;
+use crate::swap::RETURN_SPACE_ABOVE;
+
+/// How often an empty queue checks whether its files should be given back
+/// (a directory listing; see `swap`).
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 impl DurableQueue {
     /// Flushes every `flush_interval_ms` while dirty and keeps the gauges
@@ -26,6 +32,7 @@ impl DurableQueue {
             // After a slow flush (SD card stall), wait a full interval again
             // instead of flushing back-to-back to catch up.
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut last_space_check = Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -37,6 +44,12 @@ impl DurableQueue {
                 } else if queue.inner.dirty.load(Ordering::Acquire) {
                     if let Err(e) = queue.flush().await {
                         error!(error = %e, "queue flush failed; retrying next interval");
+                    }
+                }
+                if last_space_check.elapsed() >= SPACE_CHECK_EVERY {
+                    last_space_check = Instant::now();
+                    if let Err(e) = queue.return_space_if_drained(RETURN_SPACE_ABOVE) {
+                        error!(error = %e, "moving the drained queue to a fresh store failed");
                     }
                 }
                 queue.refresh_age_gauge();

@@ -24,6 +24,11 @@
 //!   power-loss safety rests on sled's fsync ordering. sled never fsyncs its
 //!   `conf` nor any directory, so every open fsyncs the store's files, its
 //!   directory and the parent before returning (see `durable_dir`).
+//! - **Space returned**: sled never shrinks its files, so once the queue is
+//!   empty and its files take more than 2 MiB, the flusher moves to a fresh
+//!   store, crash-safely (see `swap`).
+//! - **Checksummed**: every record carries a CRC-32; a damaged one is dropped
+//!   and counted by the readings it held (`reason="corrupt"`).
 //! - **Cheap counts**: `len`/`bytes`/`channels` come from memory, and a
 //!   counts record written atomically with every change lets a big backlog
 //!   open without a scan (see `occupancy`).
@@ -41,6 +46,7 @@ mod occupancy;
 mod open;
 mod progress;
 mod queue;
+mod swap;
 mod unflushed;
 
 pub use config::QueueConfig;

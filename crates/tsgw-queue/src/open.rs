@@ -63,6 +63,10 @@ pub fn open_or_quarantine(
     progress: &OpenProgress,
 ) -> Result<Opened, QueueError> {
     progress.start();
+    crate::swap::recover_interrupted_swap(&config.dir).map_err(|e| QueueError::Open {
+        dir: config.dir.clone(),
+        source: sled::Error::Io(e),
+    })?;
     let dir = config.dir.clone();
     let _reporter = report_while_open(progress, LOG_EVERY, move |state| log_progress(&dir, state));
     let opened = open_or_quarantine_inner(config, metrics, progress);
@@ -342,7 +346,9 @@ fn stored_counts(
         );
         return Ok(None);
     }
-    Ok(Some((counts, max_seq)))
+    // A fresh store (see `swap`) holds no reading yet but carries the seqs
+    // handed out before it.
+    Ok(Some((counts, max_seq.max(covered_seq))))
 }
 
 /// The channels holding readings, ascending, and the highest seq among them,

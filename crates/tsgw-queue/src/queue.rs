@@ -35,6 +35,7 @@ use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
 use crate::open::open_or_quarantine;
 use crate::progress::OpenProgress;
+use crate::swap;
 use crate::unflushed::Unflushed;
 
 /// At most one "queue full" warning per this period (with the count since the last).
@@ -451,6 +452,92 @@ impl DurableQueue {
                 false
             }
         }
+    }
+
+    /// Moves to a fresh store when the queue is empty and its files take more
+    /// than `above` bytes, giving the disk back (see `swap`). Returns whether
+    /// it moved. Pushes wait meanwhile; on an error the store is reopened by
+    /// the flusher as after any storage error.
+    pub(crate) fn return_space_if_drained(&self, above: u64) -> Result<bool, QueueError> {
+        let mut state = self.lock();
+        if state.counts.total().readings != 0 || self.has_failed() {
+            return Ok(false);
+        }
+        let dir = self.inner.config.dir.clone();
+        let used = swap::disk_usage(&dir);
+        if used <= above {
+            return Ok(false);
+        }
+        let old = self.store()?;
+        // Its removals reach the disk first: a crash from here on finds
+        // either this (empty) store or the fresh one.
+        old.db
+            .flush()
+            .map_err(self.failure("flushing a drained store"))?;
+        let fresh = QueueConfig {
+            dir: swap::fresh_path(&dir),
+            ..self.inner.config.clone()
+        };
+        let io = |e: std::io::Error| QueueError::Open {
+            dir: fresh.dir.clone(),
+            source: sled::Error::Io(e),
+        };
+        {
+            let built = open_or_quarantine(&fresh, &self.inner.metrics, &OpenProgress::new())?;
+            // The seqs handed out so far, so seqs keep growing after a restart.
+            built
+                .readings
+                .insert(COUNTS_KEY, Counts::default().encode(state.last_seq))
+                .and_then(|_| built.db.flush())
+                .map_err(|source| QueueError::Open {
+                    dir: fresh.dir.clone(),
+                    source,
+                })?;
+        }
+        swap::sync_tree(&fresh.dir).map_err(io)?;
+
+        self.inner
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(old);
+        if let Err(e) = swap::install(&fresh.dir, &dir) {
+            // The flusher reopens whatever store `dir` now names (or a new one).
+            self.inner.failed.store(true, Ordering::Release);
+            return Err(io(e));
+        }
+        let opened = match open_or_quarantine(
+            &self.inner.config,
+            &self.inner.metrics,
+            &OpenProgress::new(),
+        ) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.inner.failed.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
+        state.counts = opened.counts;
+        state.last_seq = state.last_seq.max(opened.max_seq);
+        state.recorded = true;
+        state.unflushed = Unflushed::default();
+        *self
+            .inner
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Store {
+            db: opened.db,
+            readings: opened.readings,
+        }));
+        self.update_count_gauges(&state.counts);
+        info!(
+            dir = %dir.display(),
+            before = used,
+            after = swap::disk_usage(&dir),
+            "queue drained: moved to a fresh store to give its disk space back"
+        );
+        Ok(true)
     }
 
     /// After a storage error, the readings pushed since the last successful
@@ -1120,6 +1207,47 @@ mod tests {
         q.remove(&all).unwrap();
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn a_drained_store_gives_its_space_back_and_seqs_keep_growing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (q, metrics) = open(tmp.path(), 64 << 20);
+        let dir = q.inner.config.dir.clone();
+        for i in 0..200 {
+            let batch: Vec<Reading> = (0..500).map(|j| reading(1, (i * 500 + j) as f64)).collect();
+            q.push(&batch).unwrap();
+        }
+        let keys: Vec<QueueKey> = q
+            .peek(ch(1), usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|q| q.key)
+            .collect();
+        let last_seq = keys.last().unwrap().seq;
+        // Not drained: nothing moves.
+        assert!(!q.return_space_if_drained(1 << 20).unwrap());
+        q.remove(&keys).unwrap();
+        let before = swap::disk_usage(&dir);
+        assert!(before > 2 << 20, "{before}");
+        assert!(q.return_space_if_drained(1 << 20).unwrap());
+        let after = swap::disk_usage(&dir);
+        assert!(after < 1 << 20, "{before} -> {after}");
+        assert!(!q.return_space_if_drained(1 << 20).unwrap());
+        // The queue works on, and after a restart seqs still only grow.
+        q.push(&[reading(1, 1.0)]).unwrap();
+        assert!(q.peek(ch(1), 1).unwrap()[0].key.seq > last_seq);
+        assert_eq!(metrics.queue_readings.get(), 1);
+        drop(q);
+        let (q, _) = open(tmp.path(), 64 << 20);
+        let all: Vec<QueueKey> = q.peek(ch(1), 10).unwrap().iter().map(|q| q.key).collect();
+        assert_eq!(all.len(), 1);
+        q.remove(&all).unwrap();
+        assert!(q.return_space_if_drained(0).unwrap());
+        drop(q);
+        let (q, _) = open(tmp.path(), 64 << 20);
+        q.push(&[reading(1, 2.0)]).unwrap();
+        assert!(q.peek(ch(1), 1).unwrap()[0].key.seq > all[0].seq);
     }
 
     /// Per-channel readings and bytes by reading every entry, to check the record.
