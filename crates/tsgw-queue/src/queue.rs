@@ -458,7 +458,7 @@ impl DurableQueue {
     /// than `above` bytes, giving the disk back (see `swap`). Returns whether
     /// it moved. Pushes wait meanwhile; on an error the store is reopened by
     /// the flusher as after any storage error.
-    pub(crate) fn return_space_if_drained(&self, above: u64) -> Result<bool, QueueError> {
+    pub fn return_space_if_drained(&self, above: u64) -> Result<bool, QueueError> {
         let mut state = self.lock();
         if state.counts.total().readings != 0 || self.has_failed() {
             return Ok(false);

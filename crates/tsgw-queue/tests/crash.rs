@@ -22,12 +22,15 @@ use std::time::{Duration, Instant};
 
 use common::{drain_view, open, reading};
 use tokio_util::sync::CancellationToken;
+use tsgw_core::ReadingStore;
 
 const ENV_DIR: &str = "TSGW_QUEUE_CRASH_DIR";
 const ENV_ROUND: &str = "TSGW_QUEUE_CRASH_ROUND";
 const ENV_MODE: &str = "TSGW_QUEUE_CRASH_MODE";
 /// Child flushes explicitly after each batch of this many readings.
 const BATCH: u64 = 10;
+/// Readings per fill in "swap" mode.
+const SWAP_BATCH: u64 = 2_000;
 /// Flush interval the child's flusher uses (`common::config`).
 const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -85,6 +88,24 @@ fn crash_child() {
                 println!("DURABLE 500");
                 // Keep the queue alive: its Drop would flush and hide a missing final flush.
                 std::future::pending::<()>().await;
+            }
+            // Fill, flush, drain, move to a fresh store, again and again: a
+            // kill lands anywhere in the move. "DURABLE 2b+1": batch b is on
+            // disk; "DURABLE 2b+2": its removal starts.
+            "swap" => {
+                for b in 0u64.. {
+                    let batch: Vec<_> = (0..SWAP_BATCH)
+                        .map(|k| reading(1 + k % 3, &device, b * SWAP_BATCH + k))
+                        .collect();
+                    queue.push(&batch).unwrap();
+                    queue.flush().await.unwrap();
+                    println!("DURABLE {}", 2 * b + 1);
+                    println!("DURABLE {}", 2 * b + 2);
+                    let keys: Vec<_> = drain_keys(&queue);
+                    queue.remove(&keys).unwrap();
+                    queue.flush().await.unwrap();
+                    assert!(queue.return_space_if_drained(0).unwrap());
+                }
             }
             other => panic!("unknown crash child mode {other:?}"),
         }
@@ -255,4 +276,91 @@ fn cancelling_the_flusher_flushes_everything() {
     );
     assert_eq!(durable, 500);
     check_after_kill(&dir, 0, durable, 0);
+}
+
+/// Every key the queue holds.
+fn drain_keys(queue: &tsgw_queue::DurableQueue) -> Vec<tsgw_core::QueueKey> {
+    queue
+        .channels()
+        .unwrap()
+        .into_iter()
+        .flat_map(|c| queue.peek(c, usize::MAX).unwrap())
+        .map(|q| q.key)
+        .collect()
+}
+
+#[test]
+fn killed_while_moving_to_a_fresh_store_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("queue");
+    let mut max_seq = 0;
+    let kill_after_ms = [40, 310, 120, 560, 75, 230, 410, 160, 95, 270];
+    for (round, ms) in kill_after_ms.iter().enumerate() {
+        let round = round as u32;
+        let reported = run_child(
+            &dir,
+            round,
+            "swap",
+            Duration::from_millis(*ms),
+            Duration::ZERO,
+        );
+        let batch = (reported - 1) / 2;
+        let draining = reported.is_multiple_of(2);
+        let (queue, metrics) = open(&dir);
+        assert_eq!(metrics.queue_quarantined_total.get(), 0, "round {round}");
+        // Open finished or undid the interrupted move.
+        let siblings: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(siblings, vec!["queue".to_string()], "round {round}");
+        let all = drain_view(&queue);
+        assert_eq!(
+            all.len() as u64,
+            queue.len(),
+            "round {round}: counts do not match content"
+        );
+        let device = format!("round{round}");
+        let ours: Vec<(u64, u64)> = all
+            .iter()
+            .filter(|(_, r)| r.origin.device == device)
+            .map(|(seq, r)| (*seq, r.value.as_f64().unwrap() as u64))
+            .collect();
+        for (seq, _) in &ours {
+            assert!(
+                *seq > max_seq,
+                "round {round}: seq {seq} not above {max_seq}"
+            );
+        }
+        let durable = batch * SWAP_BATCH..(batch + 1) * SWAP_BATCH;
+        let kept = ours.iter().filter(|(_, v)| durable.contains(v)).count() as u64;
+        assert!(
+            ours.iter()
+                .all(|(_, v)| *v >= durable.start && *v < durable.end + SWAP_BATCH),
+            "round {round}: readings of batches before {batch} survived their drain"
+        );
+        if draining {
+            // Its removal may have reached the disk: all of it or none.
+            assert!(
+                kept == 0 || kept == SWAP_BATCH,
+                "round {round}: {kept} of batch {batch}"
+            );
+        } else {
+            assert_eq!(
+                kept, SWAP_BATCH,
+                "round {round}: durable batch {batch} lost readings"
+            );
+        }
+        eprintln!(
+            "round {round}: killed after batch {batch} ({}), {} of ours left",
+            if draining { "draining" } else { "durable" },
+            ours.len()
+        );
+        max_seq = all
+            .iter()
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(0)
+            .max(max_seq);
+    }
 }
