@@ -275,29 +275,67 @@ fn check_format(db: &sled::Db, existed: bool) -> Result<(), Failure> {
     }
 }
 
-/// The counts from the stored record plus the readings pushed after it (see
-/// `occupancy`) when they name exactly the channels the store holds;
-/// otherwise (a store written before the record existed, or a record that
-/// disagrees) from a full scan, stored as a fresh record.
+/// The counts of what the store holds, from a scan that checks every
+/// record's checksum (removing and counting damaged ones), stored as a fresh
+/// counts record.
+///
+/// The scan is cheap since readings are stored in records (a million readings
+/// are a few thousand entries). It is compared with what the stored counts
+/// record (plus the records pushed after it) says the store should hold: sled
+/// recovers only a prefix of a damaged log and says nothing, so readings the
+/// record counts but the scan cannot find were lost in storage. They are
+/// counted (`reason="lost_in_storage"`) and logged as an error.
 fn load_counts(
     tree: &sled::Tree,
     metrics: &Metrics,
     progress: &OpenProgress,
 ) -> Result<(Counts, u64), Failure> {
-    if let Some(trusted) = stored_counts(tree, progress)? {
-        return Ok(trusted);
-    }
+    let recorded = stored_counts(tree)?;
     progress.enter(OpenPhase::Counting);
-    let (counts, max_seq) = scan(tree, metrics, progress)?;
-    tree.insert(COUNTS_KEY, counts.encode(max_seq))
+    let scanned = scan(tree, metrics, progress)?;
+    let mut max_seq = scanned.max_seq;
+    if let Some((mut expected, covered_seq)) = recorded {
+        max_seq = max_seq.max(covered_seq);
+        for (&channel, &(readings, bytes)) in &scanned.corrupt {
+            expected.sub(channel, readings, bytes);
+        }
+        report_lost_in_storage(&expected, &scanned.counts, metrics);
+    }
+    tree.insert(COUNTS_KEY, scanned.counts.encode(max_seq))
         .map_err(|e| broken_unless_environment("storing the queue counts", e))?;
-    Ok((counts, max_seq))
+    Ok((scanned.counts, max_seq))
 }
 
-fn stored_counts(
-    tree: &sled::Tree,
-    progress: &OpenProgress,
-) -> Result<Option<(Counts, u64)>, Failure> {
+/// Counts and logs the readings `expected` holds beyond what was `found`.
+fn report_lost_in_storage(expected: &Counts, found: &Counts, metrics: &Metrics) {
+    let lost: BTreeMap<u64, u64> = expected
+        .channels()
+        .into_iter()
+        .filter_map(|ch| {
+            let missing = expected
+                .of(ch)
+                .readings
+                .saturating_sub(found.of(ch).readings);
+            (missing > 0).then_some((ch.get(), missing))
+        })
+        .collect();
+    let total: u64 = lost.values().sum();
+    if total == 0 {
+        return;
+    }
+    metrics
+        .queue_dropped_total
+        .with_label_values(&["lost_in_storage"])
+        .inc_by(total);
+    error!(
+        lost = total,
+        per_channel = ?lost,
+        "the queue store came back without readings it had stored: sled recovered only \
+         part of its log (damaged storage, or a power cut the storage did not survive)"
+    );
+}
+
+fn stored_counts(tree: &sled::Tree) -> Result<Option<(Counts, u64)>, Failure> {
     let record = tree
         .get(COUNTS_KEY)
         .map_err(|e| broken_unless_environment("reading the queue counts", e))?;
@@ -311,7 +349,7 @@ fn stored_counts(
             return Ok(None);
         }
     };
-    let Some((channels, max_seq)) = present_channels(tree)? else {
+    let Some((channels, _)) = present_channels(tree)? else {
         // An undecodable key: the full scan removes and counts it.
         return Ok(None);
     };
@@ -333,22 +371,10 @@ fn stored_counts(
                     return Ok(None);
                 };
                 counts.add(channel, readings, (k.len() + v.len()) as u64);
-                progress.add(readings);
             }
         }
     }
-    if channels != counts.channels() {
-        warn!(
-            recorded = ?counts.channels(),
-            present = ?channels,
-            "the queue's counts record names other channels than the store holds; \
-             counting by a full scan"
-        );
-        return Ok(None);
-    }
-    // A fresh store (see `swap`) holds no reading yet but carries the seqs
-    // handed out before it.
-    Ok(Some((counts, max_seq.max(covered_seq))))
+    Ok(Some((counts, covered_seq)))
 }
 
 /// The channels holding readings, ascending, and the highest seq among them,
@@ -420,63 +446,77 @@ fn finish_interrupted_removal(
     Ok(())
 }
 
-/// Counts what the store holds and removes entries that do not decode.
-fn scan(
-    tree: &sled::Tree,
-    metrics: &Metrics,
-    progress: &OpenProgress,
-) -> Result<(Counts, u64), Failure> {
-    let mut counts = Counts::default();
-    let mut max_seq = 0;
-    let mut corrupt: Vec<(sled::IVec, String)> = Vec::new();
+/// What a full scan found.
+struct Scanned {
+    counts: Counts,
+    max_seq: u64,
+    /// Damaged records removed, per channel: readings they held (as far as
+    /// they say) and bytes.
+    corrupt: BTreeMap<ChannelId, (u64, u64)>,
+}
+
+/// Counts what the store holds, checking every record's checksum, and removes
+/// (counting, `reason="corrupt"`) records that fail.
+fn scan(tree: &sled::Tree, metrics: &Metrics, progress: &OpenProgress) -> Result<Scanned, Failure> {
+    let mut scanned = Scanned {
+        counts: Counts::default(),
+        max_seq: 0,
+        corrupt: BTreeMap::new(),
+    };
+    let mut damaged: Vec<(sled::IVec, String)> = Vec::new();
     let mut corrupt_readings = 0;
-    let mut per_channel_corrupt: BTreeMap<String, u64> = BTreeMap::new();
     for item in tree.iter() {
         let (k, v) = item.map_err(|e| broken_unless_environment("scanning the queue", e))?;
         if is_meta_key(&k) {
             continue;
         }
-        // The checksum covers every byte of a record; a damaged reading field
-        // in a legacy value is still caught by the strict decode at peek.
-        let decoded = decode_key(&k).and_then(|key| record_len(&v).map(|n| (key, n)));
-        match decoded {
-            Ok((key, readings)) => {
-                counts.add(key.channel, readings, (k.len() + v.len()) as u64);
-                max_seq = max_seq.max(key.seq);
+        let bytes = (k.len() + v.len()) as u64;
+        match decode_key(&k).map(|key| (key, record_len(&v))) {
+            Ok((key, Ok(readings))) => {
+                scanned.counts.add(key.channel, readings, bytes);
+                scanned.max_seq = scanned.max_seq.max(key.seq);
                 progress.add(readings);
             }
-            Err(e) => {
-                let channel = decode_key(&k)
-                    .map(|key| key.channel.to_string())
-                    .unwrap_or_else(|_| "?".into());
+            Ok((key, Err(e))) => {
                 let readings = claimed_len(&v);
-                *per_channel_corrupt.entry(channel).or_default() += readings;
+                let entry = scanned.corrupt.entry(key.channel).or_default();
+                entry.0 += readings;
+                entry.1 += bytes;
                 corrupt_readings += readings;
-                corrupt.push((k, e.to_string()));
+                scanned.max_seq = scanned.max_seq.max(key.seq);
+                damaged.push((k, e.to_string()));
+            }
+            Err(e) => {
+                corrupt_readings += 1;
+                damaged.push((k, e.to_string()));
             }
         }
     }
-    if !corrupt.is_empty() {
+    if !damaged.is_empty() {
         let mut batch = sled::Batch::default();
-        for (k, _) in &corrupt {
+        for (k, _) in &damaged {
             batch.remove(k.clone());
         }
         tree.apply_batch(batch)
-            .map_err(|e| broken_unless_environment("removing undecodable readings", e))?;
+            .map_err(|e| broken_unless_environment("removing damaged records", e))?;
         metrics
             .queue_dropped_total
             .with_label_values(&["corrupt"])
             .inc_by(corrupt_readings);
-        let first_reason = &corrupt[0].1;
+        let per_channel: BTreeMap<u64, u64> = scanned
+            .corrupt
+            .iter()
+            .map(|(ch, (readings, _))| (ch.get(), *readings))
+            .collect();
         error!(
             dropped = corrupt_readings,
-            records = corrupt.len(),
-            per_channel = ?per_channel_corrupt,
-            first_reason = %first_reason,
+            records = damaged.len(),
+            ?per_channel,
+            first_reason = %damaged[0].1,
             "removed damaged queue records (their checksum or layout is wrong)"
         );
     }
-    Ok((counts, max_seq))
+    Ok(scanned)
 }
 
 fn broken_unless_environment(what: &str, e: sled::Error) -> Failure {

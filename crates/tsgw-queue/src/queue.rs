@@ -1250,6 +1250,47 @@ mod tests {
         assert!(q.peek(ch(1), 1).unwrap()[0].key.seq > all[0].seq);
     }
 
+    #[test]
+    fn readings_the_store_lost_behind_the_counts_record_are_counted_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (q, _) = open(tmp.path(), 1 << 20);
+            q.push(&(0..5).map(|i| reading(1, i as f64)).collect::<Vec<_>>())
+                .unwrap();
+            q.push(&(0..3).map(|i| reading(2, i as f64)).collect::<Vec<_>>())
+                .unwrap();
+            q.push(&[reading(1, 9.0)]).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(q.flush())
+                .unwrap();
+            // What a damaged log recovers: the counts record, without a record it counts.
+            let first = q.peek(ch(1), 1).unwrap()[0].key;
+            q.store()
+                .unwrap()
+                .readings
+                .remove(encode_key(first))
+                .unwrap();
+        }
+        let (q, metrics) = open(tmp.path(), 1 << 20);
+        let lost = metrics
+            .queue_dropped_total
+            .with_label_values(&["lost_in_storage"]);
+        assert_eq!(lost.get(), 5);
+        assert_eq!(q.len(), 4);
+        assert_eq!(values(&q, 1), vec![9.0]);
+        assert_eq!(counted_by_scan(&q), q.lock().counts);
+        drop(q);
+        // Counted once: the next open agrees with the fresh record.
+        let (_, metrics) = open(tmp.path(), 1 << 20);
+        let lost = metrics
+            .queue_dropped_total
+            .with_label_values(&["lost_in_storage"]);
+        assert_eq!(lost.get(), 0);
+    }
+
     /// Per-channel readings and bytes by reading every entry, to check the record.
     fn counted_by_scan(q: &DurableQueue) -> Counts {
         let mut counts = Counts::default();
