@@ -7,6 +7,7 @@ mod config_errors;
 mod delivery;
 mod devices;
 mod disk_full;
+mod downlink;
 mod durability;
 mod field_tools;
 mod in_doubt;

@@ -434,3 +434,67 @@ async fn feeds_json_and_last_json_answer_in_thingspeak_shape_with_the_read_key()
     let c = emu.counters();
     assert_eq!((c.feed_reads, c.feed_reads_refused), (10, 2));
 }
+
+/// A REST writer ("another writer": the web UI, a script) reaches MQTT
+/// subscribers of every subscribe form, with and without a read key, in
+/// ThingSpeak's payload formats: the entry JSON on feed topics, the bare
+/// value on field topics (fields the entry does not set send nothing).
+#[tokio::test]
+async fn update_api_entries_reach_every_subscribe_form() {
+    let emu = emulator().await;
+    let mut feed = connect(device(&emu, Tr::Tcp, DEV1)).await;
+    feed.subscribe("channels/100/subscribe").await;
+    // Legacy sessions (any client id) with the channel's read key.
+    let mut field = connect(options(&emu, Tr::Tcp, "legacy-field")).await;
+    field
+        .subscribe("channels/100/subscribe/fields/field2/RKEY100")
+        .await;
+    let mut json = connect(options(&emu, Tr::Tcp, "legacy-json")).await;
+    json.subscribe("channels/100/subscribe/json/RKEY100").await;
+    emu.wait_for_counters(T, |c| c.subscriptions == 3)
+        .await
+        .unwrap();
+
+    let (status, body) = http(
+        &emu,
+        "POST",
+        "/update.json",
+        Some("application/x-www-form-urlencoded"),
+        "api_key=WKEY100&field1=7.5&field2=on&status=set",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let stored: serde_json::Value = serde_json::from_str(&body).unwrap();
+
+    let p = feed.next_publish(T).await;
+    assert_eq!(p.topic, "channels/100/subscribe");
+    let j: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(
+        j, stored,
+        "the feed carries the entry as update.json answered it"
+    );
+    assert_eq!(
+        (j["field1"].as_str(), j["status"].as_str()),
+        (Some("7.5"), Some("set"))
+    );
+
+    let p = json.next_publish(T).await;
+    assert_eq!(p.topic, "channels/100/subscribe/json/RKEY100");
+    let j: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(j["entry_id"], stored["entry_id"]);
+
+    let p = field.next_publish(T).await;
+    assert_eq!(p.topic, "channels/100/subscribe/fields/field2/RKEY100");
+    assert_eq!(&p.payload[..], b"on");
+
+    // GET /update (a browser or curl) is relayed too; an entry without
+    // field2 sends nothing on the field2 topic.
+    let (status, _) = http(&emu, "GET", "/update?api_key=WKEY100&field1=8", None, "").await;
+    assert_eq!(status, 200);
+    let p = feed.next_publish(T).await;
+    let j: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(j["field1"], "8");
+    field.expect_quiet(Duration::from_millis(300)).await;
+    // feed 2, json 2, field 1.
+    assert_eq!(emu.counters().relayed, 5);
+}

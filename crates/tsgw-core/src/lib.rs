@@ -5,6 +5,7 @@
 //! async runtime, so every stage (and its tests) can depend on it freely.
 
 pub mod extract;
+pub mod feed;
 pub mod intake;
 pub mod metrics;
 pub mod reading;
@@ -12,6 +13,7 @@ pub mod secret;
 pub mod store;
 pub mod throttle;
 
+pub use feed::{FeedEntry, FeedFuture, FeedRefusal, FeedSource, FeedTap};
 pub use intake::{durable_pair, Durable, DurableAck, IngestBatch};
 pub use metrics::Metrics;
 pub use reading::{Origin, Reading, SourceKind, Value};

@@ -9,7 +9,8 @@
 //! to the connection (`confirm = false`). README.md states the guarantees.
 //!
 //! Public API: [`UpstreamConfig`] (+ [`Transport`], [`ChannelOverride`],
-//! [`Backfill`], [`Aggregate`]), [`run`], [`ForwarderError`].
+//! [`Backfill`], [`Aggregate`]), [`run`], [`run_with_feeds`] and [`FeedHub`]
+//! (channel feeds for local subscribers), [`ForwarderError`].
 //!
 //! ```toml
 //! [upstream]                     # every key optional except the credentials
@@ -59,6 +60,7 @@ mod config;
 mod connection;
 mod driver;
 mod error;
+mod feeds;
 mod forwarder;
 mod progress;
 mod rest;
@@ -73,6 +75,7 @@ use tsgw_core::{Metrics, ReadingStore};
 pub use batch::Aggregate;
 pub use config::{Auth, Backfill, ChannelOverride, ConnectionConfig, Transport, UpstreamConfig};
 pub use error::ForwarderError;
+pub use feeds::{FeedHub, FeedStatus, SUBACK_WAIT};
 
 /// Runs the forwarder until `shutdown` is cancelled.
 ///
@@ -83,6 +86,20 @@ pub async fn run(
     config: UpstreamConfig,
     store: Arc<dyn ReadingStore>,
     metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), ForwarderError> {
+    let feeds = FeedHub::new(&config, &metrics);
+    run_with_feeds(config, store, metrics, feeds, shutdown).await
+}
+
+/// [`run`], also serving `feeds` (made by [`FeedHub::new`] from the same
+/// config) on the connections: drop-in subscribers and downlink rules get
+/// ThingSpeak's channel feeds through it.
+pub async fn run_with_feeds(
+    config: UpstreamConfig,
+    store: Arc<dyn ReadingStore>,
+    metrics: Metrics,
+    feeds: FeedHub,
     shutdown: CancellationToken,
 ) -> Result<(), ForwarderError> {
     config.validate()?;
@@ -107,9 +124,11 @@ pub async fn run(
     let bulk = bulk_client(&config, tls.as_ref())?;
     if config.connections.is_empty() {
         let name = config.connection_name();
-        return forwarder::Forwarder::new(config, name, tls, bulk, store, metrics)
-            .run(shutdown)
-            .await;
+        let mut f = forwarder::Forwarder::new(config, name, tls, bulk, store, metrics);
+        if let Some(port) = feeds.port(0) {
+            f = f.with_feeds(port);
+        }
+        return f.run(shutdown).await;
     }
 
     // One forwarder per credential set, each seeing only its channels.
@@ -144,8 +163,13 @@ pub async fn run(
         };
         let view = Arc::new(subset::StoreSubset::new(store.clone(), selection));
         views.push(view.pushed());
-        let f =
+        let mut f =
             forwarder::Forwarder::new(cfg, name, tls.clone(), bulk.clone(), view, metrics.clone());
+        // Slots: the listed connections in order, then the top-level credentials.
+        let slot = index.unwrap_or(config.connections.len());
+        if let Some(port) = feeds.port(slot) {
+            f = f.with_feeds(port);
+        }
         tasks.spawn(f.run(stop.clone()));
     }
     let relay = tokio::spawn(subset::relay_pushes(store, views, stop.clone()));

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tsgw_core::{IngestBatch, Metrics};
+use tsgw_core::{FeedSource, IngestBatch, Metrics};
 
 use auth::{AccountError, Accounts};
 pub use config::{
@@ -115,6 +115,20 @@ impl MqttSource {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Self, MqttSourceError> {
+        Self::start_with_feeds(config, upstream_channels, intake, None, metrics, shutdown).await
+    }
+
+    /// [`MqttSource::start`], with ThingSpeak's channel feeds served to local
+    /// subscribers of `channels/<id>/subscribe...` from `feeds` (drop-in
+    /// subscribe). Without it those subscriptions are refused (SUBACK 0x80).
+    pub async fn start_with_feeds(
+        config: &MqttSourceConfig,
+        upstream_channels: &BTreeSet<ChannelId>,
+        intake: mpsc::Sender<IngestBatch>,
+        feeds: Option<Arc<dyn FeedSource>>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Result<Self, MqttSourceError> {
         validate(config)?;
         // Bind the public sockets first: a taken port fails startup before
         // anything else was started.
@@ -148,6 +162,7 @@ impl MqttSource {
             ingest: Arc::new(Ingest::new(metrics.clone())),
             intake,
             subscriptions: Default::default(),
+            feeds,
         });
         let mut addrs = ListenAddrs::default();
         let mut fronts = Vec::new();

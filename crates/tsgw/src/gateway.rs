@@ -72,12 +72,16 @@ impl Gateway {
         let heartbeat = Heartbeat::new();
         heartbeat.beat();
         let opening = OpenProgress::new();
+        // ThingSpeak's channel feeds, subscribed on the forwarder's
+        // connections, for drop-in subscribers and downlink rules.
+        let feeds = tsgw_forwarder::FeedHub::new(&config.upstream, &metrics);
         let health = Health::new(
             heartbeat.clone(),
             metrics.clone(),
             Duration::from_secs(config.http.ready_upstream_grace_secs),
         )
-        .with_queue_opening(opening.clone());
+        .with_queue_opening(opening.clone())
+        .with_feeds(feeds.clone());
         let status = StatusService::new(
             &config,
             metrics.clone(),
@@ -137,10 +141,11 @@ impl Gateway {
             status.recent.clone(),
         ));
 
-        let mqtt = MqttSource::start(
+        let mqtt = MqttSource::start_with_feeds(
             &config.mqtt,
             &upstream_channels(&config),
             mqtt_batches,
+            Some(Arc::new(feeds.clone())),
             metrics.clone(),
             sources_stop.clone(),
         )
@@ -154,8 +159,11 @@ impl Gateway {
             let upstream = config.upstream.clone();
             let metrics = metrics.clone();
             let stop = service_stop.clone();
+            let feeds = feeds.clone();
             tokio::spawn(async move {
-                if let Err(e) = tsgw_forwarder::run(upstream, store, metrics, stop).await {
+                if let Err(e) =
+                    tsgw_forwarder::run_with_feeds(upstream, store, metrics, feeds, stop).await
+                {
                     error!(error = %e, "the forwarder stopped: nothing will be sent upstream until the gateway restarts");
                 }
             })

@@ -188,6 +188,9 @@ impl Forwarder {
     /// Bookkeeping when a connection ends for whatever reason: subscriptions
     /// are gone, and updates written on it are in doubt until checked.
     pub(super) fn connection_lost(&mut self, now: Instant) {
+        if let Some(feeds) = &self.feeds {
+            feeds.connection_down();
+        }
         self.doubts_lose_connection();
         self.subs.clear();
         self.sub_order.clear();

@@ -41,6 +41,7 @@ use crate::backoff::Backoff;
 use crate::config::UpstreamConfig;
 use crate::driver::{ConnEvent, ConnEventKind};
 use crate::error::ForwarderError;
+use crate::feeds::FeedPort;
 use crate::progress::Progress;
 use crate::rest::BulkClient;
 use crate::schedule::Schedule;
@@ -48,6 +49,7 @@ use crate::schedule::Schedule;
 mod backfill;
 mod confirm;
 mod doubt;
+mod feeds;
 mod link;
 mod poison;
 mod send;
@@ -145,6 +147,10 @@ pub(crate) struct Forwarder {
     started: Instant,
     events_tx: mpsc::Sender<ConnEvent>,
     events_rx: mpsc::Receiver<ConnEvent>,
+    /// Channel feeds for local consumers carried on this connection.
+    feeds: Option<FeedPort>,
+    /// Feeds ThingSpeak refused on the current connection (not asked again on it).
+    feed_refused: HashSet<ChannelId>,
 }
 
 impl Forwarder {
@@ -207,6 +213,8 @@ impl Forwarder {
             started: now,
             events_tx,
             events_rx,
+            feeds: None,
+            feed_refused: HashSet::new(),
         }
     }
 
@@ -244,16 +252,25 @@ impl Forwarder {
                     now + STORE_RETRY
                 }
             };
-            let wake = match &self.conn {
+            let mut wake = match &self.conn {
                 Conn::Down { retry_at } => wake.min(*retry_at),
                 _ => wake,
             };
+            self.maintain_feeds();
+            if let Some(at) = self.feed_renew_at() {
+                if now >= at {
+                    self.renew_for_feeds(now);
+                    continue;
+                }
+                wake = wake.min(at);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 Some(done) = self.bulk_rx.recv() => self.on_bulk_done(done),
                 Some(done) = self.reads_rx.recv() => self.on_read_done(done),
+                Some(channel) = feeds::next_feed_request(&mut self.feeds) => self.on_feed_request(channel),
                 _ = pushed.notified() => {}
                 _ = sleep_until(wake) => {}
             }
@@ -271,15 +288,25 @@ impl Forwarder {
         // subscription): look at all of them again.
         self.next_check.clear();
         match event.kind {
-            ConnEventKind::Connected => self.on_connected(),
+            ConnEventKind::Connected => {
+                self.on_connected();
+                self.feeds_connected();
+            }
             ConnEventKind::Written => self.on_written(event.generation),
             ConnEventKind::SubscribeSent(pkid) => {
                 if let Some(channel) = self.sub_order.pop_front() {
                     self.sub_pkids.insert(pkid, channel);
                 }
             }
-            ConnEventKind::SubAck { pkid, granted } => self.on_suback(pkid, granted),
-            ConnEventKind::Message { topic, payload } => self.on_message(&topic, &payload),
+            ConnEventKind::SubAck { pkid, granted } => {
+                let channel = self.sub_pkids.get(&pkid).copied();
+                self.on_suback(pkid, granted);
+                self.feed_answered(channel, granted);
+            }
+            ConnEventKind::Message { topic, payload } => {
+                self.feed_message(&topic, &payload);
+                self.on_message(&topic, &payload);
+            }
             ConnEventKind::Closed(closed) => self.on_closed(closed),
         }
     }

@@ -14,6 +14,7 @@
 //! connections its single-threaded accept loop overflows the 128-entry listen
 //! backlog, so a silent device would hold its slot for good.
 
+mod feed;
 mod session;
 mod subscriptions;
 mod websocket;
@@ -63,6 +64,8 @@ pub struct Context {
     /// What local clients subscribed to: only publishes someone may want are
     /// relayed to rumqttd.
     pub subscriptions: LocalSubscriptions,
+    /// ThingSpeak's channel feeds (drop-in subscribe), when upstream serves them.
+    pub feeds: Option<Arc<dyn tsgw_core::FeedSource>>,
 }
 
 /// A bound public listener.

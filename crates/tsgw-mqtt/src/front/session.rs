@@ -31,8 +31,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tsgw_core::{durable_pair, Durable, IngestBatch, Reading};
+use tsgw_core::{durable_pair, Durable, FeedTap, IngestBatch, Reading};
 
+use super::feed::{self, Taps};
 use super::subscriptions::{self, LocalSubscriptions};
 use super::{Context, Dropped};
 use crate::auth::{Identity, Refusal, ANONYMOUS};
@@ -207,6 +208,7 @@ where
         exactly_once: HashMap::new(),
         wanted: Arc::default(),
         idle_limit,
+        taps: Taps::default(),
     }
     .run(device_read, device_buf, broker_write, to_device, shutdown);
     let outbound = outbound(
@@ -261,14 +263,21 @@ impl Drop for Session<'_> {
 
 /// Frames for the device that must wait until `durable` resolves (the acks of
 /// a chunk whose readings are being fsynced), or go at once (`None`).
-struct ToDevice {
-    frames: BytesMut,
-    durable: Option<Durable>,
+pub(super) struct ToDevice {
+    pub(super) frames: BytesMut,
+    pub(super) durable: Option<Durable>,
 }
 
-/// For a SUBSCRIBE that had some filters denied: for each of its filters, the
-/// position in the (shorter) SUBSCRIBE rumqttd got, or `None` if denied.
-type SubackPatches = Mutex<HashMap<u16, Vec<Option<usize>>>>;
+/// For a SUBSCRIBE that rumqttd got only part of: for each of its filters,
+/// its position in the (shorter) SUBSCRIBE rumqttd got, or the code the front
+/// decided (a denied filter, or a ThingSpeak feed the front serves itself).
+type SubackPatches = Mutex<HashMap<u16, Vec<SubackSlot>>>;
+
+#[derive(Debug, Clone, Copy)]
+enum SubackSlot {
+    Broker(usize),
+    Front(SubscribeReasonCode),
+}
 
 /// What one read from the device produced.
 #[derive(Default)]
@@ -280,6 +289,8 @@ struct Chunk {
     relay: BytesMut,
     /// Packets for the device (acks), already encoded, in order.
     answers: BytesMut,
+    /// ThingSpeak feeds granted in this chunk: relayed once the SUBACK is on its way.
+    taps: Vec<(String, Topic, FeedTap)>,
 }
 
 struct Inbound<'a> {
@@ -295,6 +306,9 @@ struct Inbound<'a> {
     /// QoS 2 publishes answered with PUBREC and waiting for PUBREL, and whether
     /// rumqttd got them (a denied one is completed here).
     exactly_once: HashMap<u16, bool>,
+    /// The ThingSpeak feeds this connection subscribed to, by filter; their
+    /// relays end with the connection.
+    taps: Taps,
 }
 
 impl Inbound<'_> {
@@ -322,7 +336,7 @@ impl Inbound<'_> {
                 match kind {
                     PacketType::Publish => self.publish(&mapping, header, frame, &mut chunk)?,
                     PacketType::PubRel => self.pubrel(header, frame, &mut chunk)?,
-                    PacketType::Subscribe => self.subscribe(header, frame, &mut chunk)?,
+                    PacketType::Subscribe => self.subscribe(header, frame, &mut chunk).await?,
                     PacketType::Unsubscribe => self.unsubscribe(header, frame, &mut chunk)?,
                     PacketType::Disconnect => {
                         chunk.relay.extend_from_slice(&frame);
@@ -349,7 +363,12 @@ impl Inbound<'_> {
                     | PacketType::PingReq => chunk.relay.extend_from_slice(&frame),
                 }
             }
+            let taps = std::mem::take(&mut chunk.taps);
             self.hand_over(chunk, &mut broker, &to_device).await?;
+            for (filter, topic, tap) in taps {
+                let relay = feed::relay(topic, tap, to_device.clone());
+                self.taps.start(filter, tokio::spawn(relay));
+            }
             if disconnect {
                 return Ok(());
             }
@@ -465,7 +484,7 @@ impl Inbound<'_> {
         Ok(())
     }
 
-    fn subscribe(
+    async fn subscribe(
         &mut self,
         header: FixedHeader,
         frame: BytesMut,
@@ -474,31 +493,46 @@ impl Inbound<'_> {
         let subscribe = Subscribe::read(header, frame.freeze())
             .map_err(|e| Dropped::protocol("protocol", format!("malformed SUBSCRIBE: {e}")))?;
         let mut granted: Vec<SubscribeFilter> = Vec::new();
-        let mut positions = Vec::with_capacity(subscribe.filters.len());
+        let mut slots = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters {
             match self.may_subscribe(&filter.path) {
-                Ok(()) => {
-                    positions.push(Some(granted.len()));
+                Ok(None) => {
+                    slots.push(SubackSlot::Broker(granted.len()));
                     granted.push(filter);
                 }
+                Ok(Some(topic)) => match self.tap_feed(&topic, &filter.path).await {
+                    Ok(tap) => {
+                        chunk.taps.push((filter.path, topic, tap));
+                        slots.push(SubackSlot::Front(SubscribeReasonCode::Success(
+                            QoS::AtMostOnce,
+                        )));
+                    }
+                    Err(()) => slots.push(SubackSlot::Front(SubscribeReasonCode::Failure)),
+                },
                 Err(reason) => {
                     self.ctx.ingest.deny(&self.identity, reason, &filter.path);
-                    positions.push(None);
+                    slots.push(SubackSlot::Front(SubscribeReasonCode::Failure));
                 }
             }
         }
         if granted.is_empty() {
-            let codes = vec![SubscribeReasonCode::Failure; positions.len()];
+            let codes = slots
+                .iter()
+                .map(|slot| match slot {
+                    SubackSlot::Front(code) => *code,
+                    SubackSlot::Broker(_) => SubscribeReasonCode::Failure,
+                })
+                .collect();
             encode_into(&mut chunk.answers, |b| {
                 SubAck::new(subscribe.pkid, codes).write(b)
             });
             return Ok(());
         }
-        if positions.iter().any(Option::is_none) {
+        if slots.iter().any(|s| matches!(s, SubackSlot::Front(_))) {
             self.patches
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(subscribe.pkid, positions);
+                .insert(subscribe.pkid, slots);
         }
         self.ctx
             .subscriptions
@@ -511,6 +545,39 @@ impl Inbound<'_> {
         Ok(())
     }
 
+    /// Taps the upstream feed a ThingSpeak subscribe topic names. A refusal
+    /// is counted (`feed_<reason>`) and logged with its cause.
+    async fn tap_feed(&self, topic: &Topic, path: &str) -> Result<FeedTap, ()> {
+        let Some(feeds) = &self.ctx.feeds else {
+            // No upstream feeds: granting would leave the device waiting for nothing.
+            self.ctx
+                .ingest
+                .deny(&self.identity, "thingspeak_feed", path);
+            return Err(());
+        };
+        let key = match topic {
+            Topic::SubscribeJson { key, .. } | Topic::SubscribeFields { key, .. } => {
+                key.as_ref().map(|k| k.expose().to_owned())
+            }
+            _ => None,
+        };
+        match feeds.subscribe(topic.channel(), key).await {
+            Ok(tap) => Ok(tap),
+            Err(refusal) => {
+                let reason = feed::refusal_label(refusal.reason);
+                self.ctx.ingest.deny(&self.identity, reason, path);
+                tracing::warn!(
+                    user = self.identity.name(),
+                    topic = %topic.redacted(),
+                    reason,
+                    "ThingSpeak feed subscription refused: {}",
+                    refusal.message
+                );
+                Err(())
+            }
+        }
+    }
+
     fn unsubscribe(
         &mut self,
         header: FixedHeader,
@@ -520,6 +587,17 @@ impl Inbound<'_> {
         let raw = frame.freeze();
         let unsubscribe = Unsubscribe::read(header, raw.clone())
             .map_err(|e| Dropped::protocol("protocol", format!("malformed UNSUBSCRIBE: {e}")))?;
+        let mut all_feeds = !unsubscribe.topics.is_empty();
+        for topic in &unsubscribe.topics {
+            all_feeds &= self.taps.stop(topic);
+        }
+        if all_feeds {
+            // rumqttd never held these: the front answers.
+            encode_into(&mut chunk.answers, |b| {
+                rumqttc::mqttbytes::v4::UnsubAck::new(unsubscribe.pkid).write(b)
+            });
+            return Ok(());
+        }
         self.ctx
             .subscriptions
             .unsubscribed(self.owner, unsubscribe.topics.iter().map(String::as_str));
@@ -527,20 +605,21 @@ impl Inbound<'_> {
         Ok(())
     }
 
-    /// Why a subscription is refused (the `reason` label), if it is.
-    fn may_subscribe(&self, path: &str) -> Result<(), &'static str> {
+    /// Why a subscription is refused (the `reason` label), if it is; a
+    /// ThingSpeak feed (served by the front, not rumqttd) comes back parsed.
+    fn may_subscribe(&self, path: &str) -> Result<Option<Topic>, &'static str> {
         let filter = TopicFilter::new(path).map_err(|_| "bad_filter")?;
-        if dropin::is_thingspeak_topic(path)
-            && Topic::parse(path).is_ok_and(|topic| !topic.is_publish())
-        {
-            // ThingSpeak's own feeds are not relayed from upstream: granting
-            // the subscription would leave the device waiting for nothing.
-            return Err("thingspeak_feed");
-        }
         if !self.identity.acl.may_subscribe(&filter) {
             return Err("subscribe_denied");
         }
-        Ok(())
+        if dropin::is_thingspeak_topic(path) {
+            if let Ok(topic) = Topic::parse(path) {
+                if !topic.is_publish() {
+                    return Ok(Some(topic));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Hands the chunk's readings to the queue writer (waiting while it is
@@ -660,7 +739,7 @@ where
     }
 }
 
-/// Puts the denied filters' 0x80 back into rumqttd's SUBACK.
+/// Puts the front's codes (denied filters, feeds it serves) back into rumqttd's SUBACK.
 fn patch_suback(
     header: FixedHeader,
     frame: BytesMut,
@@ -676,13 +755,16 @@ fn patch_suback(
         .remove(&suback.pkid);
     match patch {
         None => out.extend_from_slice(&raw),
-        Some(positions) => {
-            let codes = positions
+        Some(slots) => {
+            let codes = slots
                 .iter()
-                .map(|position| {
-                    position
-                        .and_then(|i| suback.return_codes.get(i).copied())
-                        .unwrap_or(SubscribeReasonCode::Failure)
+                .map(|slot| match slot {
+                    SubackSlot::Broker(i) => suback
+                        .return_codes
+                        .get(*i)
+                        .copied()
+                        .unwrap_or(SubscribeReasonCode::Failure),
+                    SubackSlot::Front(code) => *code,
                 })
                 .collect();
             encode_into(out, |b| SubAck::new(suback.pkid, codes).write(b));

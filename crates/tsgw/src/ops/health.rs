@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tsgw_core::Metrics;
+use tsgw_forwarder::FeedHub;
 use tsgw_queue::{OpenPhase, OpenProgress};
 
 use crate::pipeline::heartbeat::Heartbeat;
@@ -21,6 +22,8 @@ pub struct Health {
     last_upstream_seen: Arc<Mutex<Option<Instant>>>,
     /// While the queue opens, the writer cannot beat: say why.
     queue_opening: Option<OpenProgress>,
+    /// ThingSpeak channel feeds (drop-in subscribers, downlink rules).
+    feeds: Option<FeedHub>,
 }
 
 #[derive(Debug, Serialize)]
@@ -30,6 +33,16 @@ pub struct Report {
     pub queue_readings: i64,
     pub queue_bytes: i64,
     pub upstream_connected: bool,
+    /// Each channel feed asked for: `subscribed`, `waiting`,
+    /// `connection_down` or `refused` (the upstream subscription is down).
+    pub feeds: Vec<FeedReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FeedReport {
+    pub channel: u64,
+    pub state: &'static str,
+    pub last_entry_id: Option<u64>,
 }
 
 impl Health {
@@ -41,7 +54,15 @@ impl Health {
             upstream_grace,
             last_upstream_seen: Arc::new(Mutex::new(None)),
             queue_opening: None,
+            feeds: None,
         }
+    }
+
+    /// Reports the state of each channel feed; a refused one makes the
+    /// gateway not ready (its subscribers and downlink rules get nothing).
+    pub fn with_feeds(mut self, feeds: FeedHub) -> Self {
+        self.feeds = Some(feeds);
+        self
     }
 
     /// Reports a queue still opening as such, not as a stuck writer.
@@ -102,6 +123,14 @@ impl Health {
             });
         }
         drop(seen);
+        for feed in self.feed_reports() {
+            if feed.state == "refused" {
+                reasons.push(format!(
+                    "ThingSpeak refused the subscription to channel {}'s feed",
+                    feed.channel
+                ));
+            }
+        }
         self.report(reasons)
     }
 
@@ -120,6 +149,21 @@ impl Health {
             .any(|m| m.get_gauge().get_value() > 0.0)
     }
 
+    fn feed_reports(&self) -> Vec<FeedReport> {
+        let Some(feeds) = &self.feeds else {
+            return Vec::new();
+        };
+        feeds
+            .status()
+            .into_iter()
+            .map(|s| FeedReport {
+                channel: s.channel.get(),
+                state: s.state,
+                last_entry_id: s.last_entry_id,
+            })
+            .collect()
+    }
+
     fn report(&self, reasons: Vec<String>) -> Report {
         Report {
             ok: reasons.is_empty(),
@@ -127,6 +171,7 @@ impl Health {
             queue_readings: self.metrics.queue_readings.get(),
             queue_bytes: self.metrics.queue_bytes.get(),
             upstream_connected: self.upstream_connected(),
+            feeds: self.feed_reports(),
         }
     }
 }
