@@ -21,6 +21,11 @@ channel = 1001
 parser = { format = "json", fields = { "/v" = "field1" } }
 "#;
 
+/// The `[[mqtt.rules]]` entry of [`BENCH_RULE`], for configs built elsewhere.
+pub fn bench_rule() -> &'static str {
+    BENCH_RULE
+}
+
 /// The bench's gateway config against `emulator`: rate limit
 /// `interval_secs`, fsync every `flush_interval_ms`, room for big loads
 /// (256 MiB queue, 2000 connections) and the bench rule; no REST calls
@@ -51,7 +56,7 @@ pub fn bench_profile(
     config.max_connections = Some(2000);
     config.ready_upstream_grace_secs = 5;
     config.rest = Rest::Off;
-    config.extra = BENCH_RULE.to_owned();
+    config.extra = bench_rule().to_owned();
     config
 }
 

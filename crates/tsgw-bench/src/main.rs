@@ -12,6 +12,7 @@ mod mosquitto;
 mod outage;
 mod resources;
 mod stats;
+mod wear;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,8 @@ enum Cmd {
     CompareMosquitto(mosquitto::MosquittoArgs),
     /// A long upstream outage (MQTT and REST cut) under QoS 1 load: nothing lost, backlog drains within the rate limits.
     Outage(outage::OutageArgs),
+    /// Bytes written to storage per reading at 1, 10 and 100 readings/s (SD-card wear), default config.
+    Wear(wear::WearArgs),
 }
 
 fn main() -> Result<()> {
@@ -70,6 +73,7 @@ fn main() -> Result<()> {
             Cmd::CrashLoop(a) => crash::run(a, binary).await,
             Cmd::CompareMosquitto(a) => mosquitto::run(a, binary).await,
             Cmd::Outage(a) => outage::run(a, binary).await,
+            Cmd::Wear(a) => wear::run(a, binary).await,
         }
     })?;
     println!("{report}");
