@@ -230,14 +230,12 @@ fn power_cuts_from_the_first_second_never_quarantine_the_store() {
 }
 
 /// Every reading acked before a cut (its flush returned) is in the store
-/// the cut left. Fails today: sled's flush syncs its log with
-/// `sync_file_range`, which does not make appended data durable (the file's
-/// new size and extents wait for the next journal commit on ext4, up to 5 s;
-/// the issue measured about 2 s of acked readings lost per cut). The fix is an
-/// `fdatasync` of sled's `db` file after each flush (queue.rs); run with
-/// `--ignored` to check it.
+/// the cut left. sled's flush syncs its log with `sync_file_range`, which does
+/// not make appended data durable (the file's new size and extents wait for the
+/// next journal commit on ext4, up to 5 s; the issue measured about 2 s of
+/// acked readings lost per cut), so the queue's flush also fdatasyncs sled's
+/// `db` file (queue.rs); without that this test fails.
 #[test]
-#[ignore = "fails until the queue's flush fdatasyncs sled's log (see the doc comment)"]
 fn power_cuts_keep_every_acked_reading() {
     let work = tempfile::tempdir().unwrap();
     let taken = cut_while_writing();
