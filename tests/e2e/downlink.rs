@@ -300,3 +300,249 @@ async fn renewal_before_the_idle_limit_misses_no_entry() {
     );
     gateway.stop();
 }
+
+/// A simulated Modbus TCP PLC: holding registers that can be written and read.
+#[derive(Clone, Default)]
+struct Plc {
+    holding: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, u16>>>,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Plc {
+    fn get(&self, address: u16) -> Option<u16> {
+        self.holding.lock().unwrap().get(&address).copied()
+    }
+
+    fn writes(&self) -> usize {
+        self.writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn serve(&self) -> SocketAddr {
+        use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plc = self.clone();
+        tokio::spawn(async move {
+            let on_connected = move |stream, peer| {
+                let plc = plc.clone();
+                async move { accept_tcp_connection(stream, peer, move |_| Ok(Some(plc.clone()))) }
+            };
+            let _ = Server::new(listener).serve(&on_connected, |_| {}).await;
+        });
+        addr
+    }
+}
+
+impl tokio_modbus::server::Service for Plc {
+    type Request = tokio_modbus::SlaveRequest<'static>;
+    type Response = tokio_modbus::Response;
+    type Exception = tokio_modbus::ExceptionCode;
+    type Future = std::future::Ready<Result<Self::Response, Self::Exception>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        use tokio_modbus::{ExceptionCode, Request, Response};
+        let mut holding = self.holding.lock().unwrap();
+        let answer = match req.request {
+            Request::ReadHoldingRegisters(a, n) => (a..a + n)
+                .map(|r| holding.get(&r).copied())
+                .collect::<Option<Vec<u16>>>()
+                .map(Response::ReadHoldingRegisters)
+                .ok_or(ExceptionCode::IllegalDataAddress),
+            Request::WriteSingleRegister(a, w) if holding.contains_key(&a) => {
+                holding.insert(a, w);
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(Response::WriteSingleRegister(a, w))
+            }
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        std::future::ready(answer)
+    }
+}
+
+async fn wait_until(what: &str, gateway: &Gateway, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{what}: {}", gateway.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A setpoint written to the cloud channel reaches the PLC's holding
+/// register and is read back; an out-of-range one is refused and counted;
+/// a restart does not apply the same entry again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setpoint_reaches_the_plc_and_a_restart_does_not_apply_it_again() {
+    let emulator = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plc = Plc::default();
+    plc.holding.lock().unwrap().extend([(10, 180), (11, 7)]);
+    let addr = plc.serve().await;
+    let extra = format!(
+        r#"
+[[modbus]]
+name = "boiler"
+unit_id = 1
+channel = 1003
+poll_interval_ms = 500
+timeout_ms = 500
+transport.tcp.address = "{addr}"
+points = [ {{ name = "state", kind = "holding", address = 11, type = "u16", target = "field1" }} ]
+
+[[downlink]]
+name = "boiler-setpoint"
+channel = 1001
+source = "field1"
+min = 5
+max = 30
+min_interval_ms = 500
+max_age_secs = 60
+action.modbus = {{ device = "boiler", kind = "holding", address = 10, type = "i16", scale = 0.1 }}
+"#
+    );
+    let config = config(&emulator, dir.path(), 1.0, &extra);
+    let path = config.write(dir.path()).unwrap();
+    let gateway = Gateway::start(&path);
+    feed_subscribed(&gateway, 1001).await;
+
+    // Out of range: refused, counted, logged, the register untouched.
+    rest_update(&emulator, 1001, "field1=99").await;
+    let refused = "tsgw_downlink_refused_total{reason=\"above_max\",rule=\"boiler-setpoint\"}";
+    wait_until("99 refused", &gateway, async || {
+        gateway.metric(refused).await == 1.0
+    })
+    .await;
+    assert_eq!((plc.get(10), plc.writes()), (Some(180), 0));
+    assert!(
+        gateway
+            .find_log("downlink refused: value 99 is above max = 30")
+            .is_some(),
+        "{}",
+        gateway.log_tail()
+    );
+
+    // In range: written, read back, counted.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let setpoint = rest_update(&emulator, 1001, "field1=21.5").await;
+    wait_until("21.5 reaches holding register 10", &gateway, async || {
+        plc.get(10) == Some(215)
+    })
+    .await;
+    let applied = "tsgw_downlink_applied_total{rule=\"boiler-setpoint\"}";
+    wait_until("applied counted", &gateway, async || {
+        gateway.metric(applied).await == 1.0
+    })
+    .await;
+    assert!(gateway.find_log("downlink applied").is_some());
+    assert_eq!(plc.writes(), 1);
+    assert_eq!(
+        gateway
+            .metric("tsgw_downlink_received_total{rule=\"boiler-setpoint\"}")
+            .await,
+        2.0
+    );
+    gateway.stop();
+
+    // The setpoint is the channel's newest entry, so subscribing after the
+    // restart delivers it again: it was applied, and is not applied twice
+    // (the register is reset to see any write).
+    let state = std::fs::read_to_string(dir.path().join("downlink-state.json")).unwrap();
+    assert!(
+        state.contains(&format!("\"boiler-setpoint\": {setpoint}")),
+        "{state}"
+    );
+    plc.holding.lock().unwrap().insert(10, 180);
+    let gateway = Gateway::start(&path);
+    feed_subscribed(&gateway, 1001).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        (plc.get(10), plc.writes()),
+        (Some(180), 1),
+        "not applied again"
+    );
+    for m in [
+        applied,
+        refused,
+        "tsgw_downlink_received_total{rule=\"boiler-setpoint\"}",
+    ] {
+        assert_eq!(gateway.metric(m).await, 0.0, "{m}");
+    }
+    // A new entry after the restart is applied.
+    rest_update(&emulator, 1001, "field1=22").await;
+    wait_until("22 reaches the register", &gateway, async || {
+        plc.get(10) == Some(220)
+    })
+    .await;
+    assert_eq!(plc.writes(), 2);
+    gateway.stop();
+}
+
+/// The other two actions: a serial command from a template (to a pty, as an
+/// Arduino on USB), and a local MQTT publish from a template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_and_local_mqtt_actions_follow_their_templates() {
+    use tokio::io::AsyncReadExt;
+    use tokio_serial::{SerialPort, SerialStream};
+    let emulator = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = SerialStream::pair().expect("pty pair");
+    let path = slave.name().expect("pty path");
+    let extra = format!(
+        r#"
+[[serial]]
+name = "arduino"
+path = {path:?}
+channel = 1002
+exclusive = false
+parser = {{ format = "key_value", fields = {{ t = "field1" }} }}
+
+[[downlink]]
+name = "fan-speed"
+channel = 1002
+source = "field3"
+min = 0
+max = 100
+action.serial = {{ port = "arduino", template = "FAN {{value}} #{{entry_id}}\n" }}
+
+[[downlink]]
+name = "heater"
+channel = 1002
+source = "status"
+action.mqtt = {{ topic = "home/heater/set", template = '{{"on": "{{value}}", "entry": {{entry_id}}}}' }}
+"#
+    );
+    let config = config(&emulator, dir.path(), 1.0, &extra);
+    let gateway = Gateway::start(&config.write(dir.path()).unwrap());
+    let mut heater = Sub::start(gateway.mqtt, "heater", &["home/heater/set"]);
+    feed_subscribed(&gateway, 1002).await;
+    // The port opens asynchronously.
+    wait_until("serial port open", &gateway, async || {
+        gateway
+            .metric("tsgw_device_up{device=\"arduino\",source=\"serial\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let id = rest_update(&emulator, 1002, "field3=40&status=off").await;
+    let (topic, payload) = heater.next(WAIT).await.expect("heater command");
+    assert_eq!(topic, "home/heater/set");
+    assert_eq!(payload, format!(r#"{{"on": "off", "entry": {id}}}"#));
+    let mut line = Vec::new();
+    let mut buf = [0u8; 64];
+    while !line.ends_with(b"\n") {
+        let n = tokio::time::timeout(WAIT, master.read(&mut buf))
+            .await
+            .expect("serial command")
+            .unwrap();
+        line.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(String::from_utf8(line).unwrap(), format!("FAN 40 #{id}\n"));
+    for rule in ["fan-speed", "heater"] {
+        let m = format!("tsgw_downlink_applied_total{{rule=\"{rule}\"}}");
+        wait_until(&m, &gateway, async || gateway.metric(&m).await == 1.0).await;
+    }
+    gateway.stop();
+    drop(slave);
+}

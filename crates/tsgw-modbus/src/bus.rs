@@ -23,6 +23,7 @@ use crate::config::{ModbusDeviceConfig, PointConfig};
 use crate::decode::{decode_point, BlockData, DecodeError};
 use crate::link::{unit_unreachable, Endpoint, Failure, Outcome};
 use crate::plan::{plan_reads, ReadBlock};
+use crate::write::{WriteError, WriteJob, WriteValue};
 
 /// Longest pause between probes of a unit that does not answer (unless its
 /// poll interval is longer).
@@ -86,6 +87,8 @@ pub(crate) struct Bus {
     last_request: Option<Instant>,
     readings: mpsc::Sender<Reading>,
     metrics: Metrics,
+    /// Writes to this bus's units (downlink), taken between polls.
+    writes: Option<mpsc::Receiver<WriteJob>>,
 }
 
 impl Bus {
@@ -109,7 +112,13 @@ impl Bus {
             last_request: None,
             readings,
             metrics,
+            writes: None,
         }
+    }
+
+    pub(crate) fn with_writes(mut self, writes: mpsc::Receiver<WriteJob>) -> Self {
+        self.writes = Some(writes);
+        self
     }
 
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
@@ -118,6 +127,21 @@ impl Bus {
                 return;
             };
             let due = self.units[index].next_due;
+            // A write waiting goes before the next poll, never into one.
+            let job = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                job = next_write(&mut self.writes) => job,
+                () = sleep_until(due) => None,
+            };
+            if let Some(job) = job {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    () = self.write(job) => {}
+                }
+                continue;
+            }
             let polled = tokio::select! {
                 // Shutdown first: a cancelled bus starts no new exchange.
                 biased;
@@ -327,6 +351,131 @@ impl Bus {
             }
         }
         last
+    }
+}
+
+/// The next write, if any; never resolves once every writer is gone.
+async fn next_write(writes: &mut Option<mpsc::Receiver<WriteJob>>) -> Option<WriteJob> {
+    let Some(rx) = writes else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Some(job) => Some(job),
+        None => {
+            *writes = None;
+            std::future::pending().await
+        }
+    }
+}
+
+impl Bus {
+    /// One write and its read-back, for a unit of this bus. Single attempt.
+    async fn write(&mut self, job: WriteJob) {
+        let result = self.write_and_check(job.unit, &job.value).await;
+        if let Some(unit) = self.units.get(job.unit) {
+            match &result {
+                Ok(()) => {
+                    info!(device = %unit.name, target = %job.value.describe(), "written and read back")
+                }
+                Err(e) => {
+                    self.count_error(&unit.name.clone(), &format!("write_{}", e.reason()));
+                    warn!(device = %unit.name, target = %job.value.describe(), error = %e, "write failed");
+                }
+            }
+        }
+        let _ = job.reply.send(result);
+    }
+
+    async fn write_and_check(
+        &mut self,
+        index: usize,
+        value: &WriteValue,
+    ) -> Result<(), WriteError> {
+        use tokio_modbus::{Request, Response};
+        let unit = self.units.get(index).ok_or(WriteError::Stopped)?;
+        let (unit_id, timeout) = (unit.unit_id, unit.timeout);
+        let mut ctx = match self.ctx.take() {
+            Some(ctx) => ctx,
+            None => self.endpoint.open(timeout).await.map_err(|e| {
+                WriteError::Link(format!("cannot open {}: {e}", self.endpoint.label()))
+            })?,
+        };
+        ctx.set_slave(Slave(unit_id));
+        let (write, read) = match value {
+            WriteValue::Registers { address, words } if words.len() == 1 => (
+                Request::WriteSingleRegister(*address, words[0]),
+                Request::ReadHoldingRegisters(*address, 1),
+            ),
+            WriteValue::Registers { address, words } => (
+                Request::WriteMultipleRegisters(*address, words.clone().into()),
+                Request::ReadHoldingRegisters(*address, words.len() as u16),
+            ),
+            WriteValue::Coil { address, value } => (
+                Request::WriteSingleCoil(*address, *value),
+                Request::ReadCoils(*address, 1),
+            ),
+        };
+        let mut exchange = async |request| {
+            quiet_time(self.endpoint.inter_frame_delay(), self.last_request).await;
+            let answer = self.endpoint.call(&mut ctx, request, timeout).await;
+            self.last_request = Some(Instant::now());
+            answer
+        };
+        let failed = |outcome: Outcome| match outcome {
+            Outcome::Exception(code) => WriteError::Exception(format!("{code:?}")),
+            Outcome::Failed(Failure::Timeout, _) => WriteError::Timeout(timeout),
+            Outcome::Failed(_, message) => WriteError::Link(message),
+            Outcome::Data(_) => WriteError::Link("unexpected data".into()),
+        };
+        let result = match exchange(write).await {
+            Err(outcome) => Err(failed(outcome)),
+            Ok(_) => match exchange(read).await {
+                Err(outcome) => Err(failed(outcome)),
+                Ok(response) => {
+                    let (wrote, got): (Vec<u16>, Vec<u16>) = match (value, response) {
+                        (
+                            WriteValue::Registers { words, .. },
+                            Response::ReadHoldingRegisters(read),
+                        ) => (words.clone(), read),
+                        (WriteValue::Coil { value, .. }, Response::ReadCoils(bits)) => (
+                            vec![u16::from(*value)],
+                            bits.first().map(|b| u16::from(*b)).into_iter().collect(),
+                        ),
+                        (_, other) => {
+                            return self.keep(
+                                ctx,
+                                Err(WriteError::Link(format!(
+                                    "read-back answer {other:?} does not match the request"
+                                ))),
+                            );
+                        }
+                    };
+                    if wrote == got {
+                        Ok(())
+                    } else {
+                        Err(WriteError::ReadBack { wrote, read: got })
+                    }
+                }
+            },
+        };
+        self.keep(ctx, result)
+    }
+
+    /// Keeps the link for the next request unless the failure calls for a new one.
+    fn keep(
+        &mut self,
+        ctx: tokio_modbus::client::Context,
+        result: Result<(), WriteError>,
+    ) -> Result<(), WriteError> {
+        let reopen = match &result {
+            Err(WriteError::Timeout(_)) => self.endpoint.must_reopen_after(Failure::Timeout),
+            Err(WriteError::Link(_)) => true,
+            _ => false,
+        };
+        if !reopen {
+            self.ctx = Some(ctx);
+        }
+        result
     }
 }
 

@@ -18,11 +18,13 @@
 mod bus;
 pub mod config;
 pub mod decode;
+pub mod encode;
 mod error;
 mod fresh_input;
 mod link;
 pub mod once;
 pub mod plan;
+mod write;
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -35,7 +37,9 @@ pub use config::{
     DataType, ModbusDeviceConfig, ModbusTransport, Parity, PointConfig, RegisterKind, RtuConfig,
     TcpConfig, WordOrder,
 };
+pub use encode::{encode_value, EncodeError};
 pub use error::ModbusError;
+pub use write::{ModbusWriter, WriteError, WriteValue};
 
 use bus::{Bus, Unit};
 use link::Endpoint;
@@ -50,15 +54,33 @@ pub fn spawn_devices(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, ModbusError> {
+    spawn_devices_with_writer(devices, readings, metrics, shutdown).map(|(tasks, _)| tasks)
+}
+
+/// [`spawn_devices`], plus a [`ModbusWriter`] for writes to the devices
+/// (downlink), served by their bus tasks between polls.
+pub fn spawn_devices_with_writer(
+    devices: &[ModbusDeviceConfig],
+    readings: mpsc::Sender<Reading>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(Vec<JoinHandle<()>>, ModbusWriter), ModbusError> {
     let buses = group_into_buses(devices)?;
-    Ok(buses
+    let mut writers = std::collections::HashMap::new();
+    let tasks = buses
         .into_iter()
         .map(|(endpoint, configs)| {
+            let (jobs_tx, jobs_rx) = mpsc::channel(write::WRITE_QUEUE);
+            for (index, config) in configs.iter().enumerate() {
+                writers.insert(config.name.clone(), (jobs_tx.clone(), index));
+            }
             let units = configs.into_iter().map(Unit::new).collect();
-            let bus = Bus::new(endpoint, units, readings.clone(), metrics.clone());
+            let bus =
+                Bus::new(endpoint, units, readings.clone(), metrics.clone()).with_writes(jobs_rx);
             tokio::spawn(bus.run(shutdown.clone()))
         })
-        .collect())
+        .collect();
+    Ok((tasks, ModbusWriter::new(writers)))
 }
 
 /// Validates the devices and groups them by the bus they are polled over: one

@@ -150,6 +150,29 @@ impl Endpoint {
         }
     }
 
+    /// Sends one request and waits at most `deadline` for the answer.
+    pub(crate) async fn call(
+        &self,
+        ctx: &mut Context,
+        request: Request<'_>,
+        deadline: Duration,
+    ) -> Result<Response, Outcome> {
+        match timeout(deadline, ctx.call(request)).await {
+            Err(_) => Err(Outcome::Failed(
+                Failure::Timeout,
+                format!("no answer within {deadline:?}"),
+            )),
+            Ok(Err(tokio_modbus::Error::Transport(err))) => {
+                Err(Outcome::Failed(self.classify(&err), err.to_string()))
+            }
+            Ok(Err(tokio_modbus::Error::Protocol(err))) => {
+                Err(Outcome::Failed(Failure::Decode, err.to_string()))
+            }
+            Ok(Ok(Err(exception))) => Err(Outcome::Exception(exception)),
+            Ok(Ok(Ok(response))) => Ok(response),
+        }
+    }
+
     /// Sends one read request for `block` and waits at most `deadline` for the answer.
     /// The answer is checked against the request (table, length) so that nothing a
     /// device sends can panic the poller.

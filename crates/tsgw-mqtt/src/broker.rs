@@ -22,8 +22,28 @@ use crate::MqttSourceError;
 /// rumqttd's private listener and the gateway's link that keeps every topic routable.
 pub struct Embedded {
     pub backend: SocketAddr,
-    /// Dropping it would unsubscribe the sink.
-    _sink_tx: LinkTx,
+    /// The sink's sending half (dropping it would unsubscribe the sink), also
+    /// how the gateway publishes to local subscribers itself.
+    pub publisher: LocalPublisher,
+}
+
+/// Publishes to local subscribers from inside the gateway (downlink rules),
+/// through the sink link: QoS 0, not retained, as rumqttd's local links do.
+/// Its topics always match a filter (the sink's `#`). Cheap to clone.
+#[derive(Clone)]
+pub struct LocalPublisher {
+    link: std::sync::Arc<std::sync::Mutex<LinkTx>>,
+}
+
+impl LocalPublisher {
+    /// Hands the publish to rumqttd's router without waiting; an error says
+    /// why it was not taken (the router's queue full, or it stopped).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        link.try_publish(topic.to_owned(), payload)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// rumqttd keeps, per subscribed filter, an in-memory log of at most
@@ -98,7 +118,9 @@ pub async fn start(config: &MqttSourceConfig) -> Result<Embedded, MqttSourceErro
     wait_until_listening(backend).await?;
     Ok(Embedded {
         backend,
-        _sink_tx: sink_tx,
+        publisher: LocalPublisher {
+            link: std::sync::Arc::new(std::sync::Mutex::new(sink_tx)),
+        },
     })
 }
 

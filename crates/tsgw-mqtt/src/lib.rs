@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use tsgw_core::{FeedSource, IngestBatch, Metrics};
 
 use auth::{AccountError, Accounts};
+pub use broker::LocalPublisher;
 pub use config::{
     AccountConfig, AclConfig, BrokerTlsConfig, DropInConfig, MqttSourceConfig, RuleConfig,
     UserConfig,
@@ -217,6 +218,11 @@ impl MqttSource {
             mapping: mapping_tx,
             _broker: embedded,
         })
+    }
+
+    /// Publishes to local subscribers from inside the gateway (downlink).
+    pub fn local_publisher(&self) -> LocalPublisher {
+        self._broker.publisher.clone()
     }
 
     pub fn addrs(&self) -> ListenAddrs {

@@ -29,6 +29,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tsgw_core::{Metrics, Reading};
 
+mod command;
+pub use command::{CommandError, SerialWriter};
 pub use config::{DataBits, FlowControl, Parity, PollConfig, SerialPortConfig, StopBits};
 pub use error::SerialError;
 
@@ -44,9 +46,21 @@ pub fn spawn_ports(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, SerialError> {
+    spawn_ports_with_writer(ports, readings, metrics, shutdown).map(|(tasks, _)| tasks)
+}
+
+/// [`spawn_ports`], plus a [`SerialWriter`] that writes commands to the
+/// ports through their tasks (downlink).
+pub fn spawn_ports_with_writer(
+    ports: &[SerialPortConfig],
+    readings: mpsc::Sender<Reading>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(Vec<JoinHandle<()>>, SerialWriter), SerialError> {
     let mut names = HashMap::new();
     let mut paths: HashMap<&std::path::Path, &str> = HashMap::new();
     let mut tasks = Vec::with_capacity(ports.len());
+    let mut writers = HashMap::new();
     for port in ports {
         let resolved = port.resolve()?;
         if names.insert(port.name.as_str(), ()).is_some() {
@@ -59,16 +73,22 @@ pub fn spawn_ports(
                 path: port.path.display().to_string(),
             });
         }
-        tasks.push(port::PortTask::new(
-            port.clone(),
-            resolved,
-            readings.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        let (commands_tx, commands_rx) = mpsc::channel(command::COMMAND_QUEUE);
+        writers.insert(port.name.clone(), commands_tx);
+        tasks.push(
+            port::PortTask::new(
+                port.clone(),
+                resolved,
+                readings.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .with_commands(commands_rx),
+        );
     }
-    Ok(tasks
+    let tasks = tasks
         .into_iter()
         .map(|task| tokio::spawn(task.run()))
-        .collect())
+        .collect();
+    Ok((tasks, SerialWriter::new(writers)))
 }

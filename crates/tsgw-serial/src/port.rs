@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use tsgw_core::{Metrics, Origin, Reading, SourceKind};
 
 use crate::backoff::Backoff;
+use crate::command::{Command, CommandError};
 use crate::config::{Resolved, ResolvedPoll, SerialPortConfig};
 use crate::framing::{Frame, LineFramer};
 
@@ -45,6 +46,8 @@ pub(crate) struct PortTask {
     shutdown: CancellationToken,
     counters: PortMetrics,
     warn_limiter: WarnLimiter,
+    /// Commands to write (downlink); waiting ones past their deadline are dropped.
+    commands: Option<mpsc::Receiver<Command>>,
 }
 
 /// The port's metric handles, labelled once.
@@ -118,7 +121,13 @@ impl PortTask {
             shutdown,
             counters,
             warn_limiter: WarnLimiter { last: None },
+            commands: None,
         }
+    }
+
+    pub(crate) fn with_commands(mut self, commands: mpsc::Receiver<Command>) -> Self {
+        self.commands = Some(commands);
+        self
     }
 
     pub(crate) async fn run(mut self) {
@@ -251,12 +260,57 @@ impl PortTask {
                         Err(()) => return End::Lost { healthy: healthy(got_line) },
                     }
                 }
+                Some(command) = next_command(&mut self.commands) => {
+                    if self.write_command(&mut stream, command).await.is_err() {
+                        return End::Lost { healthy: healthy(got_line) };
+                    }
+                }
                 _ = wait_until(deadline), if deadline.is_some() => {
                     deadline = None;
                     if let Some(p) = poll.as_ref() {
                         self.poll_timed_out(p);
                     }
                 }
+            }
+        }
+    }
+
+    /// Writes a downlink command; `Err` means the port is gone.
+    async fn write_command(
+        &mut self,
+        stream: &mut SerialStream,
+        command: Command,
+    ) -> Result<(), ()> {
+        let now = tokio::time::Instant::now();
+        if now >= command.deadline {
+            let _ = command
+                .reply
+                .send(Err(CommandError::NotOpen(command.within)));
+            return Ok(());
+        }
+        let write = async {
+            stream.write_all(&command.bytes).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout_at(command.deadline, write).await {
+            Ok(Ok(())) => {
+                debug!(port = %self.name, bytes = command.bytes.len(), "command written");
+                let _ = command.reply.send(Ok(()));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.counters.device_error("io");
+                warn!(port = %self.name, error = %e, "serial write of a command failed; will reopen");
+                let _ = command.reply.send(Err(CommandError::Write(e.to_string())));
+                Err(())
+            }
+            Err(_) => {
+                self.counters.device_error("timeout");
+                warn!(port = %self.name, "serial write of a command stalled; will reopen");
+                let _ = command
+                    .reply
+                    .send(Err(CommandError::Write("write stalled".into())));
+                Err(())
             }
         }
     }
@@ -365,6 +419,20 @@ pub(crate) async fn open_port(
             tokio_serial::ErrorKind::Unknown,
             format!("opening task failed: {join}"),
         )),
+    }
+}
+
+/// The next command, if any; never resolves without a writer.
+async fn next_command(commands: &mut Option<mpsc::Receiver<Command>>) -> Option<Command> {
+    let Some(rx) = commands else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Some(command) => Some(command),
+        None => {
+            *commands = None;
+            std::future::pending().await
+        }
     }
 }
 

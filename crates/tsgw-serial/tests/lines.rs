@@ -236,3 +236,41 @@ async fn answer_after_the_timeout_is_counted_but_still_used() {
     );
     shutdown.cancel();
 }
+
+/// Downlink commands are written by the port's task, to the open port; an
+/// unknown port is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_written_to_the_open_port() {
+    use tsgw_serial::{spawn_ports_with_writer, CommandError};
+    let mut device = Device::new();
+    let (tx, _rx) = mpsc::channel(64);
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let (_tasks, writer) = spawn_ports_with_writer(
+        &[port("heater", &device.path, "", KV)],
+        tx,
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .expect("valid config");
+    eventually("port open", || up(&metrics, "heater") == 1).await;
+    let limit = Duration::from_secs(2);
+    bounded(
+        "command",
+        writer.send("heater", b"SET 21.5\n".to_vec(), limit),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with(b"\n") {
+        let n = bounded("device read", device.master.read(&mut buf))
+            .await
+            .unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"SET 21.5\n");
+    let e = writer.send("nope", b"x".to_vec(), limit).await.unwrap_err();
+    assert_eq!(e, CommandError::UnknownPort("nope".into()));
+    shutdown.cancel();
+}

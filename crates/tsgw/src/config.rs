@@ -49,6 +49,10 @@ pub struct GatewayConfig {
     /// Modbus RTU and TCP devices.
     #[serde(default)]
     pub modbus: Vec<ModbusDeviceConfig>,
+    /// Rules acting on entries written to ThingSpeak channels (setpoints,
+    /// on/off): Modbus writes, serial commands, local MQTT publishes.
+    #[serde(default)]
+    pub downlink: Vec<crate::downlink::DownlinkRule>,
     /// The HTTP endpoint for Prometheus and health checks.
     #[serde(default)]
     pub http: HttpConfig,
@@ -169,6 +173,8 @@ impl GatewayConfig {
                 bail!("device name {name:?} is used twice: names label metrics and logs, so they must be unique across [[serial]] and [[modbus]]");
             }
         }
+        crate::downlink::config::validate(&self.downlink, &self.modbus, &self.serial)
+            .map_err(|e| anyhow::anyhow!(e))?;
         crate::ops::status::auth::Users::validate(&self.http.users)
             .map_err(|e| anyhow::anyhow!(e))?;
         if !(1..=3600).contains(&self.http.refresh_secs) {

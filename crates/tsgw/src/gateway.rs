@@ -44,6 +44,7 @@ pub struct Gateway {
     mqtt: MqttSource,
     readings: mpsc::Sender<Reading>,
     polled_devices: PolledDevices,
+    downlink: Downlink,
     writer: JoinHandle<()>,
     forwarder: JoinHandle<()>,
     flusher: JoinHandle<()>,
@@ -58,6 +59,12 @@ pub struct Gateway {
 /// Serial and Modbus pollers; replaced as a group on reload.
 struct PolledDevices {
     stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Downlink rules and where their actions go.
+struct Downlink {
+    targets: crate::downlink::Targets,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -152,7 +159,20 @@ impl Gateway {
         .await
         .context("cannot start the local MQTT broker")?;
 
-        let polled_devices = spawn_polled_devices(&config, &readings, &metrics, &sources_stop)?;
+        let targets = crate::downlink::Targets::new(Some(mqtt.local_publisher()));
+        let polled_devices =
+            spawn_polled_devices(&config, &readings, &metrics, &sources_stop, &targets)?;
+        let downlink = Downlink {
+            tasks: crate::downlink::spawn(
+                &config.downlink,
+                Arc::new(feeds.clone()),
+                targets.clone(),
+                crate::downlink::state_path(&config.queue.dir),
+                &metrics,
+                sources_stop.clone(),
+            ),
+            targets,
+        };
 
         let store: Arc<dyn ReadingStore> = Arc::new(queue.clone());
         let forwarder = {
@@ -185,6 +205,7 @@ impl Gateway {
             mqtt,
             readings,
             polled_devices,
+            downlink,
             writer,
             forwarder,
             flusher,
@@ -222,8 +243,13 @@ impl Gateway {
         for task in self.polled_devices.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
-        self.polled_devices =
-            spawn_polled_devices(&new, &self.readings, &self.metrics, &self.sources_stop)?;
+        self.polled_devices = spawn_polled_devices(
+            &new,
+            &self.readings,
+            &self.metrics,
+            &self.sources_stop,
+            &self.downlink.targets,
+        )?;
         self.status.reconfigure(&new);
         for (section, changed) in [
             ("queue", toml_of(&new.queue) != toml_of(&self.config.queue)),
@@ -231,6 +257,7 @@ impl Gateway {
                 "upstream",
                 toml_of(&new.upstream) != toml_of(&self.config.upstream),
             ),
+            ("downlink", new.downlink != self.config.downlink),
             // http.users apply at once (the status page re-reads them).
             (
                 "http",
@@ -279,6 +306,9 @@ impl Gateway {
         self.sources_stop.cancel();
         self.polled_devices.stop.cancel();
         drop(self.readings);
+        for task in self.downlink.tasks {
+            task.abort();
+        }
         drop(self.mqtt);
         if tokio::time::timeout(DRAIN_TIMEOUT, self.writer)
             .await
@@ -301,24 +331,26 @@ fn spawn_polled_devices(
     readings: &mpsc::Sender<Reading>,
     metrics: &Metrics,
     sources_stop: &CancellationToken,
+    targets: &crate::downlink::Targets,
 ) -> anyhow::Result<PolledDevices> {
     let stop = sources_stop.child_token();
-    let mut tasks = tsgw_serial::spawn_ports(
+    let (mut tasks, serial) = tsgw_serial::spawn_ports_with_writer(
         &config.serial,
         readings.clone(),
         metrics.clone(),
         stop.clone(),
     )
     .context("cannot start [[serial]] ports")?;
-    tasks.extend(
-        tsgw_modbus::spawn_devices(
-            &config.modbus,
-            readings.clone(),
-            metrics.clone(),
-            stop.clone(),
-        )
-        .context("cannot start [[modbus]] devices")?,
-    );
+    let (modbus_tasks, modbus) = tsgw_modbus::spawn_devices_with_writer(
+        &config.modbus,
+        readings.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )
+    .context("cannot start [[modbus]] devices")?;
+    tasks.extend(modbus_tasks);
+    // Downlink actions go to the devices as they run now.
+    targets.set_devices(modbus, serial);
     Ok(PolledDevices { stop, tasks })
 }
 

@@ -2,6 +2,7 @@
 
 mod config;
 mod demo;
+mod downlink;
 mod gateway;
 mod ops;
 mod pipeline;

@@ -97,6 +97,14 @@ impl Sim {
     }
 
     /// Requests received for `unit` so far.
+    pub fn holding(&self, unit: u8, addr: u16) -> Option<u16> {
+        self.state().holding.get(&(unit, addr)).copied()
+    }
+
+    pub fn coil(&self, unit: u8, addr: u16) -> Option<bool> {
+        self.state().coils.get(&(unit, addr)).copied()
+    }
+
     pub fn requests(&self, unit: u8) -> usize {
         self.state().requests.get(&unit).copied().unwrap_or(0)
     }
@@ -158,6 +166,20 @@ impl Sim {
             Request::ReadCoils(a, n) => read(&st.coils, unit, a, n).map(Response::ReadCoils),
             Request::ReadDiscreteInputs(a, n) => {
                 read(&st.discrete, unit, a, n).map(Response::ReadDiscreteInputs)
+            }
+            Request::WriteSingleRegister(a, w) => {
+                st.holding.insert((unit, a), w);
+                Ok(Response::WriteSingleRegister(a, w))
+            }
+            Request::WriteMultipleRegisters(a, words) => {
+                for (i, w) in words.iter().enumerate() {
+                    st.holding.insert((unit, a + i as u16), *w);
+                }
+                Ok(Response::WriteMultipleRegisters(a, words.len() as u16))
+            }
+            Request::WriteSingleCoil(a, v) if st.coils.contains_key(&(unit, a)) => {
+                st.coils.insert((unit, a), v);
+                Ok(Response::WriteSingleCoil(a, v))
             }
             _ => Err(ExceptionCode::IllegalFunction),
         };
