@@ -45,7 +45,8 @@ impl SerialDevice {
     }
 }
 
-/// A Modbus TCP "PLC" whose holding register 0 holds a temperature in tenths of °C.
+/// A Modbus TCP "PLC" whose holding register 0 holds a temperature in tenths
+/// of °C, and register 1 the setpoint the gateway writes (downlink).
 pub struct ModbusDevice {
     pub addr: SocketAddr,
     temperature_tenths: Arc<AtomicU16>,
@@ -55,6 +56,7 @@ pub struct ModbusDevice {
 #[derive(Clone)]
 struct Plc {
     temperature_tenths: Arc<AtomicU16>,
+    setpoint_tenths: Arc<AtomicU16>,
 }
 
 impl Service for Plc {
@@ -68,6 +70,18 @@ impl Service for Plc {
             Request::ReadHoldingRegisters(0, 1) => Ok(Response::ReadHoldingRegisters(vec![self
                 .temperature_tenths
                 .load(Ordering::Relaxed)])),
+            // The gateway reads the setpoint back after writing it.
+            Request::ReadHoldingRegisters(1, 1) => Ok(Response::ReadHoldingRegisters(vec![self
+                .setpoint_tenths
+                .load(Ordering::Relaxed)])),
+            Request::WriteSingleRegister(1, value) => {
+                self.setpoint_tenths.store(value, Ordering::Relaxed);
+                println!(
+                    "  device  plc            ← holding register 1 = {value} (setpoint {:.1} °C, written by the gateway)",
+                    f64::from(value as i16) / 10.0
+                );
+                Ok(Response::WriteSingleRegister(1, value))
+            }
             Request::ReadHoldingRegisters(..) => Err(ExceptionCode::IllegalDataAddress),
             _ => Err(ExceptionCode::IllegalFunction),
         };
@@ -82,6 +96,7 @@ impl ModbusDevice {
         let temperature_tenths = Arc::new(AtomicU16::new(215));
         let plc = Plc {
             temperature_tenths: temperature_tenths.clone(),
+            setpoint_tenths: Arc::new(AtomicU16::new(200)),
         };
         let server = tokio::spawn(async move {
             let on_connected = move |stream, peer| {
@@ -161,6 +176,38 @@ pub async fn spawn_all(
         stop.cancelled().await;
     }));
     Ok(tasks)
+}
+
+/// Someone writes a setpoint to the control channel from the cloud (the web
+/// UI, a MATLAB analysis), as ThingSpeak's REST `update.json` would store it;
+/// every third one is out of the rule's range, to show the refusal.
+pub fn spawn_cloud_setpoints(
+    emulator: Arc<EmulatorHandle>,
+    channel: ChannelId,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    every(Duration::from_secs(7), stop, move |i| {
+        let emulator = emulator.clone();
+        async move {
+            let value = if i % 3 == 2 {
+                "45.0".to_owned()
+            } else {
+                format!("{:.1}", 19.0 + (i % 5) as f64 * 0.5)
+            };
+            let mut update = thingspeak::ChannelUpdate::new();
+            update.set(
+                thingspeak::Target::Field(thingspeak::Field::new(1).expect("field 1")),
+                value.clone(),
+            );
+            match emulator.write(channel, &update) {
+                Ok(entry) => println!(
+                    "CLOUD      channel {channel} entry {:>3}  setpoint field1={value} (written over REST, as from the web UI)",
+                    entry.entry_id()
+                ),
+                Err(e) => println!("CLOUD      setpoint {value} not stored: {e}"),
+            }
+        }
+    })
 }
 
 fn mqtt_client(

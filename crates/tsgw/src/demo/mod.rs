@@ -20,9 +20,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::GatewayConfig;
 use crate::gateway::Gateway;
 
-/// Two demo channels: one fed by MQTT devices, one by the serial and Modbus devices.
+/// Three demo channels: one fed by MQTT devices, one by the serial and Modbus
+/// devices, and one written in the cloud whose setpoints go down to the PLC.
 pub const MQTT_CHANNEL: u64 = 100_001;
 pub const WIRED_CHANNEL: u64 = 100_002;
+pub const CONTROL_CHANNEL: u64 = 100_003;
 /// Short enough to see data quickly; the emulator enforces the same interval
 /// ThingSpeak would, so any update the gateway sent too fast would be lost.
 const INTERVAL: Duration = Duration::from_secs(3);
@@ -33,6 +35,7 @@ pub async fn run(seconds: Option<u64>) -> anyhow::Result<()> {
     let work = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mqtt_channel = ChannelId::new(MQTT_CHANNEL)?;
     let wired_channel = ChannelId::new(WIRED_CHANNEL)?;
+    let control_channel = ChannelId::new(CONTROL_CHANNEL)?;
 
     let emulator = Emulator::builder()
         .tls("127.0.0.1:0")
@@ -48,11 +51,16 @@ pub async fn run(seconds: Option<u64>) -> anyhow::Result<()> {
             "DEMOWRITEKEY0002",
             "DEMOREADKEY00002",
         ))
+        .channel(ChannelSpec::new(
+            control_channel,
+            "DEMOWRITEKEY0003",
+            "DEMOREADKEY00003",
+        ))
         .device(DeviceSpec::new(
             "tsgw-demo",
             "tsgw-demo",
             "demo-password",
-            [mqtt_channel, wired_channel],
+            [mqtt_channel, wired_channel, control_channel],
         ))
         .ca_out(work.path().join("emulator-ca.pem"))
         .start()
@@ -120,6 +128,16 @@ points = [
   {{ name = "tank-temperature", kind = "holding", address = 0, type = "i16", scale = 0.1, target = "field3" }},
 ]
 
+# A setpoint written to the control channel in the cloud goes to the PLC's
+# holding register 1 (tenths of °C), read back; outside 15..30 °C it is refused.
+[[downlink]]
+name = "plc-setpoint"
+channel = {control_channel}
+source = "field1"
+min = 15
+max = 30
+action.modbus = {{ device = "plc", kind = "holding", address = 1, type = "i16", scale = 0.1 }}
+
 [http]
 listen = "127.0.0.1:0"
 "#,
@@ -145,10 +163,16 @@ listen = "127.0.0.1:0"
         gateway.http_addr()
     );
     println!("  devices: esp-kitchen (drop-in ThingSpeak topic), garden-sensor (JSON rule), arduino (serial, t=..,h=..), plc (Modbus TCP)");
+    println!("  downlink: setpoints written to channel {CONTROL_CHANNEL} in the cloud go to the plc's holding register 1 (15..30 °C; others refused)");
     println!("  Ctrl-C stops.\n");
 
     let stop = CancellationToken::new();
     let mut tasks = devices::spawn_all(mqtt, serial, modbus, stop.clone()).await?;
+    tasks.push(devices::spawn_cloud_setpoints(
+        emulator.clone(),
+        control_channel,
+        stop.clone(),
+    ));
     tasks.push(tokio::spawn(devices::print_entries(
         emulator.clone(),
         vec![mqtt_channel, wired_channel],
