@@ -25,11 +25,11 @@
 //!   `conf` nor any directory, so every open fsyncs the store's files, its
 //!   directory and the parent before returning (see `durable_dir`).
 //!   `tests/power_cut` cuts power on a FUSE file system that keeps only
-//!   fsynced bytes, densely in the store's first second: the store always
-//!   reopens. Acked readings survive such a cut only if each flush also
-//!   fdatasyncs sled's `db` file (sled syncs it with `sync_file_range`,
-//!   which leaves appended data's size and extents unsynced); that test is
-//!   ignored until the flush does.
+//!   fsynced bytes, densely in the store's first second and during and after
+//!   a move to a fresh store: the store always reopens with every acked
+//!   reading. That takes an fdatasync of sled's `db` file after each flush
+//!   (sled syncs it with `sync_file_range`, which leaves appended data's size
+//!   and extents unsynced).
 //! - **Space returned**: sled never shrinks its files, so once the queue is
 //!   empty and its files take more than 2 MiB, the flusher moves to a fresh
 //!   store, crash-safely (see `swap`).
