@@ -306,8 +306,17 @@ impl Gateway {
         self.sources_stop.cancel();
         self.polled_devices.stop.cancel();
         drop(self.readings);
+        // Downlink tasks stop between entries: an action under way finishes
+        // and is recorded, so the next run neither repeats nor loses it.
         for task in self.downlink.tasks {
-            task.abort();
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                warn!("a downlink action did not finish within 5 s; stopping it");
+                abort.abort();
+            }
         }
         drop(self.mqtt);
         if tokio::time::timeout(DRAIN_TIMEOUT, self.writer)
