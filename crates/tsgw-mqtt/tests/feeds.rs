@@ -18,10 +18,13 @@ mod common;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A channel's feed and its newest entry.
+type Feed = (broadcast::Sender<FeedEntry>, Option<FeedEntry>);
+
 /// Channel 5 has a feed (with a newest entry); channel 9 is refused upstream.
 #[derive(Default)]
 struct FakeFeeds {
-    feeds: Mutex<BTreeMap<u64, (broadcast::Sender<FeedEntry>, Option<FeedEntry>)>>,
+    feeds: Mutex<BTreeMap<u64, Feed>>,
     asked: Mutex<Vec<(u64, Option<String>)>>,
 }
 
@@ -246,9 +249,11 @@ async fn feeds_are_relayed_in_thingspeak_formats_behind_the_acls() {
 /// Without a feed source (no upstream), ThingSpeak feeds are refused, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_upstream_feeds_the_subscription_is_refused() {
-    let mut cfg = MqttSourceConfig::default();
-    cfg.listen = Some("127.0.0.1:0".parse().unwrap());
-    cfg.allow_anonymous = true;
+    let cfg = MqttSourceConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        allow_anonymous: true,
+        ..Default::default()
+    };
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let (source, _rx) = common::start_source(&cfg, metrics.clone(), shutdown.clone())
