@@ -209,7 +209,7 @@ async fn feeds_are_relayed_in_thingspeak_formats_behind_the_acls() {
         ]
     );
     feeds.send(5, entry(2, "21.5"));
-    let mut next = vec![reader.publish().await, reader.publish().await];
+    let mut next = [reader.publish().await, reader.publish().await];
     next.sort();
     assert_eq!(
         next[0],
