@@ -53,6 +53,10 @@ pub struct WearArgs {
     /// not tmpfs (which writes nothing back and counts no write_bytes).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// `queue.flush_interval_ms` of the gateway (default: the product's
+    /// default), to measure what a longer loss window saves.
+    #[arg(long)]
+    pub flush_ms: Option<u64>,
 }
 
 /// One rate's figures.
@@ -84,7 +88,9 @@ pub async fn run(args: WearArgs, binary: PathBuf) -> Result<String> {
             args.rates
         );
     }
-    let flush_ms = QueueConfig::default().flush_interval_ms;
+    let flush_ms = args
+        .flush_ms
+        .unwrap_or(QueueConfig::default().flush_interval_ms);
     let emu = emulator(Duration::from_secs_f64(DEFAULT_UPDATE_INTERVAL_SECS)).await?;
     let mut table = Table::new(&[
         "readings/s",

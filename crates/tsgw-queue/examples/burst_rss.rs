@@ -27,6 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = QueueConfig {
         dir: dir.path().join("q"),
         max_bytes: 512 << 20,
+        // TSGW_CACHE_BYTES: try another sled cache size.
+        cache_capacity_bytes: std::env::var("TSGW_CACHE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(QueueConfig::default().cache_capacity_bytes),
         ..QueueConfig::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread()

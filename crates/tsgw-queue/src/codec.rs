@@ -14,40 +14,43 @@
 //! u8      format version (= 2)
 //! u32     CRC-32 (IEEE, little-endian) of every byte after it
 //! varint  number of readings n (>= 1)
+//! varint  number of devices d, then d times:
+//!           u8 source (0 mqtt, 1 serial, 2 modbus) ++ varint length ++ UTF-8 name
 //! n times:
 //!   varint  seq - key seq (strictly increasing)
-//!   reading body (below)
+//!   u8      target: 1..=8 field1..field8, 9 status, 10 lat, 11 long, 12 elevation
+//!   varint  device index (into the devices above)
+//!   varint  measured_at seconds minus the previous reading's (zigzag; the
+//!           first is relative to 0)
+//!   varint  measured_at sub-second nanoseconds
+//!   u8      value kind: 0 number, then f64 little-endian (8 bytes)
+//!                       1 text, then varint length ++ UTF-8 bytes
+//!                       2 whole number (|n| <= 2^53, not -0), then zigzag varint
 //! ```
 //! A reading's own seq ([`QueueKey::seq`]) is the key's seq plus its offset.
 //! The key's seq is the first reading's when the record is written; removing
 //! some readings of a record rewrites it under the same key with the rest, so
 //! the record holding a seq is always the channel's last key at or below it.
 //!
-//! # Reading body
-//! ```text
-//! u8      target: 1..=8 field1..field8, 9 status, 10 lat, 11 long, 12 elevation
-//! varint  measured_at seconds since the Unix epoch (zigzag, so dates before 1970 work)
-//! varint  measured_at sub-second nanoseconds
-//! u8      value kind: 0 number, then f64 little-endian (8 bytes)
-//!                     1 text, then varint length ++ UTF-8 bytes
-//! u8      source: 0 mqtt, 1 serial, 2 modbus
-//! varint  device name length ++ UTF-8 bytes
-//! ```
+//! Size: in a record of many readings from one device, a reading with a
+//! millisecond timestamp takes 17 bytes with a fractional value and 11 with a
+//! whole one (a counter, a register), plus ~24 bytes per record; the same
+//! reading as JSON is about 130 bytes, and the first release's one-reading
+//! entries took 49. Smaller records are fewer bytes written to an SD card and,
+//! since sled keeps what was written lately in memory, a smaller resident set
+//! during a burst.
 //!
 //! # Format version 1 (read, never written)
-//! `u8 version (= 1) ++ reading body`: one reading per entry, no checksum,
-//! written by tsgw before records. Such a value reads as a record of one
+//! `u8 version (= 1) ++ u8 target ++ varint seconds (zigzag) ++ varint
+//! nanoseconds ++ value (kinds 0 and 1) ++ u8 source ++ varint length ++
+//! device name`: one reading per entry, no checksum, written by tsgw before
+//! records. Such a value reads as a record of one
 //! reading whose seq is the key's, so an old backlog drains after an upgrade.
 //!
 //! The channel is not repeated in the value: the key carries it.
 //!
-//! Size: a numeric reading from device `esp-kitchen` with a millisecond
-//! timestamp is a 33-byte body; in a record of many readings that is about
-//! 34 bytes each (key and header shared); the same reading as JSON is about
-//! 130 bytes. `cargo bench -p tsgw-queue` prints the
-//! measured figure. Decoding is strict (known version, known tags, valid
-//! UTF-8, no trailing bytes) so a damaged value is reported rather than
-//! misread.
+//! Decoding is strict (known version, known tags, valid UTF-8, no trailing
+//! bytes) and checksummed, so a damaged value is reported rather than misread.
 
 use chrono::{DateTime, Utc};
 use tsgw_core::{ChannelId, Field, Origin, QueueKey, Reading, SourceKind, Target, Value};
@@ -94,6 +97,8 @@ pub enum DecodeError {
     EmptyRecord,
     #[error("reading offsets are not increasing")]
     BadOffset,
+    #[error("device index out of range")]
+    BadDevice,
 }
 
 pub fn encode_key(key: QueueKey) -> [u8; KEY_LEN] {
@@ -130,14 +135,38 @@ pub fn channel_prefix(channel: ChannelId) -> [u8; 8] {
 /// of one channel, seqs strictly increasing and none below `key_seq`.
 pub fn encode_record<'a>(
     key_seq: u64,
-    entries: impl ExactSizeIterator<Item = (u64, &'a Reading)>,
+    entries: impl ExactSizeIterator<Item = (u64, &'a Reading)> + Clone,
 ) -> Vec<u8> {
-    let mut body = Vec::with_capacity(8 + entries.len() * 40);
+    let mut body = Vec::with_capacity(16 + entries.len() * 16);
     put_varint(&mut body, entries.len() as u64);
-    for (seq, reading) in entries {
+    // The devices, each once; readings name them by index.
+    let mut devices: Vec<(SourceKind, &str)> = Vec::new();
+    for (_, r) in entries.clone() {
+        let origin = (r.origin.source, r.origin.device.as_str());
+        if !devices.contains(&origin) {
+            devices.push(origin);
+        }
+    }
+    put_varint(&mut body, devices.len() as u64);
+    for (source, device) in &devices {
+        body.push(source_tag(*source));
+        put_bytes(&mut body, device.as_bytes());
+    }
+    let mut prev_secs = 0i64;
+    for (seq, r) in entries {
         debug_assert!(seq >= key_seq, "a record's readings sort after its key");
         put_varint(&mut body, seq.saturating_sub(key_seq));
-        put_reading(&mut body, reading);
+        body.push(target_tag(r.target));
+        let device = devices
+            .iter()
+            .position(|d| *d == (r.origin.source, r.origin.device.as_str()))
+            .unwrap_or_default();
+        put_varint(&mut body, device as u64);
+        let secs = r.measured_at.timestamp();
+        put_varint(&mut body, zigzag(secs.wrapping_sub(prev_secs)));
+        prev_secs = secs;
+        put_varint(&mut body, u64::from(r.measured_at.timestamp_subsec_nanos()));
+        put_value(&mut body, &r.value);
     }
     let mut out = Vec::with_capacity(5 + body.len());
     out.push(FORMAT_VERSION);
@@ -158,12 +187,14 @@ pub fn decode_record(key: QueueKey, bytes: &[u8]) -> Result<Vec<(QueueKey, Readi
     if n == 0 {
         // The legacy layout: one reading, the key's own.
         let mut r = Reader { bytes, pos: 1 };
-        let reading = read_reading(&mut r, key.channel)?;
+        let reading = read_legacy_reading(&mut r, key.channel)?;
         r.finish()?;
         return Ok(vec![(key, reading)]);
     }
+    let devices = read_devices(&mut r)?;
     let mut out = Vec::with_capacity(n.min(MAX_RECORD_READINGS as u64 * 2) as usize);
     let mut last: Option<u64> = None;
+    let mut prev_secs = 0i64;
     for _ in 0..n {
         let offset = r.varint("offset")?;
         if last.is_some_and(|l| offset <= l) {
@@ -171,7 +202,27 @@ pub fn decode_record(key: QueueKey, bytes: &[u8]) -> Result<Vec<(QueueKey, Readi
         }
         last = Some(offset);
         let seq = key.seq.checked_add(offset).ok_or(DecodeError::BadOffset)?;
-        let reading = read_reading(&mut r, key.channel)?;
+        let target = target_from_tag(r.u8("target")?)?;
+        let device = usize::try_from(r.varint("device index")?)
+            .ok()
+            .and_then(|i| devices.get(i))
+            .ok_or(DecodeError::BadDevice)?;
+        let secs = prev_secs.wrapping_add(unzigzag(r.varint("timestamp")?));
+        prev_secs = secs;
+        let nanos = u32::try_from(r.varint("timestamp")?).map_err(|_| DecodeError::BadTimestamp)?;
+        let measured_at =
+            DateTime::<Utc>::from_timestamp(secs, nanos).ok_or(DecodeError::BadTimestamp)?;
+        let value = read_value(&mut r)?;
+        let reading = Reading {
+            channel: key.channel,
+            target,
+            value,
+            measured_at,
+            origin: Origin {
+                source: device.0,
+                device: device.1.clone(),
+            },
+        };
         out.push((
             QueueKey {
                 channel: key.channel,
@@ -182,6 +233,17 @@ pub fn decode_record(key: QueueKey, bytes: &[u8]) -> Result<Vec<(QueueKey, Readi
     }
     r.finish()?;
     Ok(out)
+}
+
+fn read_devices(r: &mut Reader<'_>) -> Result<Vec<(SourceKind, String)>, DecodeError> {
+    let count = r.varint("device count")?;
+    // Each device takes at least two bytes: a damaged count cannot allocate much.
+    let mut devices = Vec::with_capacity(count.min(r.remaining() as u64 / 2) as usize);
+    for _ in 0..count {
+        let source = source_from_tag(r.u8("source")?)?;
+        devices.push((source, r.string("device name")?));
+    }
+    Ok(devices)
 }
 
 /// How many readings a stored value holds, checking its checksum but not
@@ -226,42 +288,71 @@ fn open_record(bytes: &[u8]) -> Result<(u64, Reader<'_>), DecodeError> {
     }
 }
 
-fn put_reading(out: &mut Vec<u8>, reading: &Reading) {
-    out.push(target_tag(reading.target));
-    put_varint(out, zigzag(reading.measured_at.timestamp()));
-    put_varint(out, u64::from(reading.measured_at.timestamp_subsec_nanos()));
-    match &reading.value {
+/// Numbers that are whole (most counters and register values) are stored as
+/// varints: `field1=123456` takes 3 bytes instead of 8.
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Number(n) if is_small_whole(*n) => {
+            out.push(VALUE_INTEGER);
+            put_varint(out, zigzag(*n as i64));
+        }
         Value::Number(n) => {
-            out.push(0);
+            out.push(VALUE_FLOAT);
             out.extend_from_slice(&n.to_le_bytes());
         }
         Value::Text(s) => {
-            out.push(1);
+            out.push(VALUE_TEXT);
             put_bytes(out, s.as_bytes());
         }
     }
-    out.push(match reading.origin.source {
+}
+
+/// Whole, exactly representable as an i64 and back, and not -0.0.
+fn is_small_whole(n: f64) -> bool {
+    const LIMIT: f64 = (1u64 << 53) as f64;
+    n.fract() == 0.0 && n.abs() <= LIMIT && !(n == 0.0 && n.is_sign_negative())
+}
+
+const VALUE_FLOAT: u8 = 0;
+const VALUE_TEXT: u8 = 1;
+const VALUE_INTEGER: u8 = 2;
+
+fn read_value(r: &mut Reader<'_>) -> Result<Value, DecodeError> {
+    Ok(match r.u8("value kind")? {
+        VALUE_FLOAT => Value::Number(f64::from_le_bytes(r.array::<8>("number")?)),
+        VALUE_TEXT => Value::Text(r.string("text value")?),
+        VALUE_INTEGER => Value::Number(unzigzag(r.varint("number")?) as f64),
+        other => return Err(DecodeError::BadValueKind(other)),
+    })
+}
+
+fn source_tag(source: SourceKind) -> u8 {
+    match source {
         SourceKind::Mqtt => 0,
         SourceKind::Serial => 1,
         SourceKind::Modbus => 2,
-    });
-    put_bytes(out, reading.origin.device.as_bytes());
+    }
 }
 
-fn read_reading(r: &mut Reader<'_>, channel: ChannelId) -> Result<Reading, DecodeError> {
+fn source_from_tag(tag: u8) -> Result<SourceKind, DecodeError> {
+    match tag {
+        0 => Ok(SourceKind::Mqtt),
+        1 => Ok(SourceKind::Serial),
+        2 => Ok(SourceKind::Modbus),
+        other => Err(DecodeError::BadSource(other)),
+    }
+}
+
+/// A version-1 reading body (see the module docs).
+fn read_legacy_reading(r: &mut Reader<'_>, channel: ChannelId) -> Result<Reading, DecodeError> {
     let target = target_from_tag(r.u8("target")?)?;
     let measured_at = read_measured_at(r)?;
     let value = match r.u8("value kind")? {
-        0 => Value::Number(f64::from_le_bytes(r.array::<8>("number")?)),
-        1 => Value::Text(r.string("text value")?),
+        VALUE_FLOAT => Value::Number(f64::from_le_bytes(r.array::<8>("number")?)),
+        VALUE_TEXT => Value::Text(r.string("text value")?),
         other => return Err(DecodeError::BadValueKind(other)),
     };
-    let source = match r.u8("source")? {
-        0 => SourceKind::Mqtt,
-        1 => SourceKind::Serial,
-        2 => SourceKind::Modbus,
-        other => return Err(DecodeError::BadSource(other)),
-    };
+    let source = source_from_tag(r.u8("source")?)?;
     let device = r.string("device name")?;
     Ok(Reading {
         channel,
@@ -278,14 +369,17 @@ fn read_measured_at(r: &mut Reader<'_>) -> Result<DateTime<Utc>, DecodeError> {
     DateTime::<Utc>::from_timestamp(secs, nanos).ok_or(DecodeError::BadTimestamp)
 }
 
-/// The `measured_at` of a record's first reading, without allocating the
-/// strings (`oldest()` reads only this).
+/// The `measured_at` of a record's first reading (`oldest()` reads only this).
 pub fn decode_measured_at(bytes: &[u8]) -> Result<DateTime<Utc>, DecodeError> {
     let (n, mut r) = open_record(bytes)?;
-    if n > 0 {
-        r.varint("offset")?;
+    if n == 0 {
+        target_from_tag(r.u8("target")?)?;
+        return read_measured_at(&mut r);
     }
+    read_devices(&mut r)?;
+    r.varint("offset")?;
     target_from_tag(r.u8("target")?)?;
+    r.varint("device index")?;
     read_measured_at(&mut r)
 }
 
@@ -338,6 +432,10 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
     /// Nothing may follow the last field: a damaged length shows up here.
     fn finish(&self) -> Result<(), DecodeError> {
         match self.bytes.len() - self.pos {
@@ -435,8 +533,21 @@ mod tests {
 
     /// The first release's one-reading value (format version 1).
     fn encode_legacy(r: &Reading) -> Vec<u8> {
-        let mut out = vec![LEGACY_VERSION];
-        put_reading(&mut out, r);
+        let mut out = vec![LEGACY_VERSION, target_tag(r.target)];
+        put_varint(&mut out, zigzag(r.measured_at.timestamp()));
+        put_varint(&mut out, u64::from(r.measured_at.timestamp_subsec_nanos()));
+        match &r.value {
+            Value::Number(n) => {
+                out.push(VALUE_FLOAT);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Value::Text(t) => {
+                out.push(VALUE_TEXT);
+                put_bytes(&mut out, t.as_bytes());
+            }
+        }
+        out.push(source_tag(r.origin.source));
+        put_bytes(&mut out, r.origin.device.as_bytes());
         out
     }
 
@@ -450,21 +561,29 @@ mod tests {
     #[test]
     fn numeric_reading_is_compact() {
         let r = reading(Value::Number(21.5), "esp-kitchen");
-        assert_eq!(encode_legacy(&r).len(), 33, "documented body size changed");
-        // Alone: version, checksum, count and offset around the body.
+        assert_eq!(
+            encode_legacy(&r).len(),
+            33,
+            "documented legacy size changed"
+        );
         let one = encode_record(5, std::iter::once((5, &r)));
-        assert_eq!(one.len(), 39);
         assert_eq!(
             decode_record(key(5), &one).unwrap(),
             vec![(key(5), r.clone())]
         );
-        // Many share the key and the header: ~34 bytes a reading.
+        // Many share the key, the header (20 bytes with this device's entry,
+        // 4 more for the first timestamp) and the device: 17 bytes a reading
+        // with a fractional value, 11 with a whole one (documented).
         let many: Vec<(u64, &Reading)> = (0..100).map(|i| (100 + i, &r)).collect();
         let bytes = encode_record(100, many.into_iter());
-        assert!(bytes.len() + KEY_LEN <= 100 * 34 + 10, "{}", bytes.len());
+        assert_eq!(bytes.len(), 20 + 4 + 100 * 17, "documented size changed");
         assert_eq!(record_len(&bytes).unwrap(), 100);
+        let whole = reading(Value::Number(123.0), "esp-kitchen");
+        let many: Vec<(u64, &Reading)> = (0..100).map(|i| (100 + i, &whole)).collect();
+        let bytes = encode_record(100, many.into_iter());
+        assert_eq!(bytes.len(), 20 + 4 + 100 * 11, "documented size changed");
         let json = serde_json_len(&r);
-        assert!(json > 3 * 34, "json {json}");
+        assert!(json > 7 * 17, "json {json}");
     }
 
     #[test]

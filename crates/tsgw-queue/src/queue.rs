@@ -1029,10 +1029,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (q, _) = open(tmp.path(), 1024);
         q.push(&[reading(1, 0.0)]).unwrap();
-        let big: Vec<Reading> = (0..100).map(|i| reading(1, i as f64)).collect();
+        let big: Vec<Reading> = (0..300).map(|i| reading(1, i as f64)).collect();
         let err = q.push(&big).unwrap_err();
         assert!(
-            matches!(err, QueueError::BatchTooLarge { readings: 100, .. }),
+            matches!(err, QueueError::BatchTooLarge { readings: 300, .. }),
             "{err}"
         );
         assert_eq!(q.len(), 1);
