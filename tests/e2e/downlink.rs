@@ -546,3 +546,53 @@ action.mqtt = {{ topic = "home/heater/set", template = '{{"on": "{{value}}", "en
     gateway.stop();
     drop(slave);
 }
+
+/// Entries written while the upstream connection is down (an outage) reach
+/// the local subscriber after it, in order: the newest from the new
+/// subscription, those before it from the read API.
+#[tokio::test]
+async fn entries_written_during_an_outage_are_relayed_after_it() {
+    let emulator = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "\n[upstream.channels.\"1001\"]\nread_key = \"READKEY000001001\"\n";
+    let config = config(&emulator, dir.path(), 1.0, extra);
+    let gateway = Gateway::start(&config.write(dir.path()).unwrap());
+    let mut sub = Sub::start(gateway.mqtt, "watcher", &["channels/1001/subscribe"]);
+    feed_subscribed(&gateway, 1001).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rest_update(&emulator, 1001, "field1=1").await;
+    assert!(sub.next(WAIT).await.is_some());
+
+    emulator.refuse_connections_for(Duration::from_secs(4));
+    emulator.drop_all_connections();
+    for n in 2..=4 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        rest_update(&emulator, 1001, &format!("field1={n}&status=s{n}")).await;
+    }
+    let entries = emulator.entries(channel(1001));
+    for want in &entries[1..] {
+        let (topic, payload) = sub.next(WAIT).await.unwrap_or_else(|| {
+            panic!(
+                "entry {} not relayed: {}",
+                want.entry_id(),
+                gateway.log_tail()
+            )
+        });
+        assert_eq!(topic, "channels/1001/subscribe");
+        // Byte for byte what ThingSpeak would have relayed.
+        assert_eq!(payload, serde_json::to_string(&want.data).unwrap());
+    }
+    assert!(sub.next(Duration::from_millis(500)).await.is_none());
+    assert!(
+        emulator.counters().refusals > 0,
+        "the outage did not happen"
+    );
+    for (metric, want) in [
+        ("tsgw_feed_filled_entries_total{channel=\"1001\"}", 2.0),
+        ("tsgw_feed_missed_entries_total{channel=\"1001\"}", 0.0),
+        ("tsgw_feed_entries_total{channel=\"1001\"}", 4.0),
+    ] {
+        assert_eq!(gateway.metric(metric).await, want, "{metric}");
+    }
+    gateway.stop();
+}

@@ -11,11 +11,15 @@
 //!
 //! Entries go out in entry-id order, each once: a re-subscription (after a
 //! reconnect, or the forwarder's own confirmation check) makes ThingSpeak
-//! send the channel's newest entry again, which is dropped here. An entry id
-//! that jumps says entries were written while no connection was up: counted
-//! as missed and logged (the newest entry, which subscribing delivers, is
-//! never missed, and with the channel's rate limit of at least a second a
-//! renewal's reconnect usually misses none).
+//! send the channel's newest entry again, which is dropped here. The newest
+//! entry, which subscribing delivers, is never missed; with the channel's
+//! rate limit of at least a second a renewal's reconnect usually misses
+//! none. When the entry id jumps after the subscription was down (an outage),
+//! the entries in between are read from ThingSpeak's read API
+//! (`feeds.json?results=N`, with the channel's read key) and relayed first,
+//! in order; what cannot be read is counted as missed and logged. A jump on a
+//! live subscription is entries ThingSpeak does not relay (bulk writes): not
+//! relayed here either.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -76,6 +80,19 @@ struct Feed {
     last: Option<FeedEntry>,
     upstream: Upstream,
     waiters: Vec<oneshot::Sender<Result<(), FeedRefusal>>>,
+    /// The subscription was down since the last entry: entries may have
+    /// been written meanwhile.
+    interrupted: bool,
+    /// Entries held back while the skipped ones are read, oldest first.
+    filling: Option<Vec<FeedEntry>>,
+}
+
+/// Entries a feed skipped after an outage: ids `after + 1 .. before`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GapFill {
+    pub(crate) channel: ChannelId,
+    pub(crate) after: u64,
+    pub(crate) before: u64,
 }
 
 struct State {
@@ -89,6 +106,7 @@ struct FeedMetrics {
     subscribed: IntGaugeVec,
     entries: IntCounterVec,
     missed: IntCounterVec,
+    filled: IntCounterVec,
     refused: IntCounterVec,
 }
 
@@ -118,6 +136,14 @@ impl FeedMetrics {
             &["channel"],
         )
         .expect("valid metric");
+        let filled = IntCounterVec::new(
+            Opts::new(
+                "tsgw_feed_filled_entries_total",
+                "Entries a channel feed skipped during an outage, read from the read API and relayed",
+            ),
+            &["channel"],
+        )
+        .expect("valid metric");
         let refused = IntCounterVec::new(
             Opts::new(
                 "tsgw_feed_refused_total",
@@ -131,6 +157,7 @@ impl FeedMetrics {
             Box::new(subscribed.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(entries.clone()),
             Box::new(missed.clone()),
+            Box::new(filled.clone()),
             Box::new(refused.clone()),
         ] {
             // A second hub on one registry (tests) keeps working, unexported.
@@ -142,6 +169,7 @@ impl FeedMetrics {
             subscribed,
             entries,
             missed,
+            filled,
             refused,
         }
     }
@@ -302,6 +330,8 @@ impl FeedHub {
                 last: None,
                 upstream: Upstream::Refused(String::new()),
                 waiters: Vec::new(),
+                interrupted: false,
+                filling: None,
             });
             match &feed.upstream {
                 Upstream::Granted => return Ok(Self::tap(feed)),
@@ -395,6 +425,7 @@ impl FeedPort {
             if feed.upstream == Upstream::Granted {
                 feed.upstream = Upstream::Wanted;
             }
+            feed.interrupted |= feed.last.is_some();
             self.hub
                 .inner
                 .metrics
@@ -449,53 +480,118 @@ impl FeedPort {
         }
     }
 
-    /// An entry ThingSpeak relayed on `channel`'s feed.
-    pub(crate) fn entry(&self, channel: ChannelId, payload: &bytes::Bytes) {
+    /// An entry ThingSpeak relayed on `channel`'s feed. Returns the entries
+    /// to read first when it shows that an outage skipped some.
+    pub(crate) fn entry(&self, channel: ChannelId, payload: &bytes::Bytes) -> Option<GapFill> {
         let mut state = self.hub.lock();
-        let Some(feed) = state.feeds.get_mut(&channel) else {
-            return;
+        let feed = state.feeds.get_mut(&channel)?;
+        // The forwarder's confirmation logs unreadable entries already.
+        let parsed: EntryJson = serde_json::from_slice(payload).ok()?;
+        let entry = FeedEntry {
+            channel,
+            entry_id: parsed.entry_id,
+            json: payload.clone(),
+            entry: Arc::new(parsed),
         };
-        let entry: EntryJson = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            // The forwarder's confirmation logs unreadable entries already.
-            Err(_) => return,
-        };
+        if let Some(held) = &mut feed.filling {
+            if held.last().is_none_or(|e| entry.entry_id > e.entry_id) {
+                held.push(entry);
+            }
+            return None;
+        }
         let last_id = feed.last.as_ref().map(|e| e.entry_id);
         if last_id.is_some_and(|last| entry.entry_id <= last) {
             // The newest entry again, after a (re-)subscription.
-            return;
+            return None;
         }
-        let label = channel.to_string();
-        if let Some(last) = last_id {
-            let skipped = entry.entry_id - last - 1;
-            if skipped > 0 {
-                self.hub
-                    .inner
-                    .metrics
-                    .missed
-                    .with_label_values(&[&label])
-                    .inc_by(skipped);
-                tracing::warn!(
-                    %channel,
-                    after = last,
-                    next = entry.entry_id,
-                    skipped,
-                    "channel feed skipped entries written while no subscription was up"
-                );
+        let interrupted = std::mem::take(&mut feed.interrupted);
+        if let Some(after) = last_id.filter(|last| entry.entry_id > last + 1) {
+            if interrupted {
+                let gap = GapFill {
+                    channel,
+                    after,
+                    before: entry.entry_id,
+                };
+                feed.filling = Some(vec![entry]);
+                return Some(gap);
+            }
+            tracing::debug!(%channel, after, next = entry.entry_id,
+                "entry ids skipped on a live subscription: entries ThingSpeak does not relay (bulk writes)");
+        }
+        self.publish(feed, entry);
+        None
+    }
+
+    /// The read API's answer for `gap`: the skipped entries it holds are
+    /// relayed in order, then the entries held back meanwhile.
+    pub(crate) fn filled(&self, gap: GapFill, read: Result<Vec<EntryJson>, String>) {
+        let mut state = self.hub.lock();
+        let Some(feed) = state.feeds.get_mut(&gap.channel) else {
+            return;
+        };
+        let held = feed.filling.take().unwrap_or_default();
+        let label = gap.channel.to_string();
+        let skipped = gap.before - gap.after - 1;
+        let mut found = 0;
+        let why = match read {
+            Ok(mut entries) => {
+                entries.sort_by_key(|e| e.entry_id);
+                entries.dedup_by_key(|e| e.entry_id);
+                for e in entries
+                    .into_iter()
+                    .filter(|e| e.entry_id > gap.after && e.entry_id < gap.before)
+                {
+                    let Ok(json) = serde_json::to_vec(&e) else {
+                        continue;
+                    };
+                    found += 1;
+                    let entry = FeedEntry {
+                        channel: gap.channel,
+                        entry_id: e.entry_id,
+                        json: bytes::Bytes::from(json),
+                        entry: Arc::new(e),
+                    };
+                    self.publish(feed, entry);
+                }
+                "not in the read API's answer".to_owned()
+            }
+            Err(why) => why,
+        };
+        let m = &self.hub.inner.metrics;
+        m.filled.with_label_values(&[&label]).inc_by(found);
+        if found > 0 {
+            tracing::info!(channel = %gap.channel, found, "entries written during the outage read and relayed");
+        }
+        if skipped > found {
+            m.missed
+                .with_label_values(&[&label])
+                .inc_by(skipped - found);
+            tracing::warn!(
+                channel = %gap.channel,
+                after = gap.after,
+                next = gap.before,
+                missed = skipped - found,
+                "channel feed skipped entries written while no subscription was up: {why}"
+            );
+        }
+        for entry in held {
+            if feed
+                .last
+                .as_ref()
+                .is_none_or(|l| entry.entry_id > l.entry_id)
+            {
+                self.publish(feed, entry);
             }
         }
+    }
+
+    fn publish(&self, feed: &mut Feed, entry: FeedEntry) {
         self.hub
             .inner
             .metrics
             .entries
-            .with_label_values(&[&label])
+            .with_label_values(&[&entry.channel.to_string()])
             .inc();
-        let entry = FeedEntry {
-            channel,
-            entry_id: entry.entry_id,
-            json: payload.clone(),
-            entry: Arc::new(entry),
-        };
         feed.last = Some(entry.clone());
         // No receiver is fine: a consumer that comes later starts from `last`.
         let _ = feed.tx.send(entry);
@@ -535,20 +631,44 @@ mod tests {
         let b = hub.tap_channel(ch(7), None).await.unwrap();
         assert_eq!(b.last.as_ref().map(|e| e.entry_id), Some(1));
         assert!(port.requests.try_recv().is_err());
-        // The newest entry again (re-subscription), then a gap of one.
-        port.entry(ch(7), &entry(1, "a"));
-        port.entry(ch(7), &entry(3, "c"));
+        // The newest entry again (re-subscription), then a jump on a live
+        // subscription (a bulk write, not relayed by ThingSpeak): no gap fill.
+        assert_eq!(port.entry(ch(7), &entry(1, "a")), None);
+        assert_eq!(port.entry(ch(7), &entry(3, "c")), None);
         let got = a.entries.recv().await.unwrap();
         assert_eq!((got.entry_id, &got.json), (1, &entry(1, "a")));
         assert_eq!(a.entries.recv().await.unwrap().entry_id, 3);
         assert!(a.entries.try_recv().is_err());
+        // An outage: the jump after it is filled from the read API, the
+        // entries arriving meanwhile held back, then all in order.
+        port.connection_down();
+        port.connection_up();
+        assert_eq!(hub.status()[0].state, "waiting");
+        port.answered(ch(7), true);
+        let gap = port.entry(ch(7), &entry(7, "g")).expect("a gap to fill");
+        assert_eq!((gap.after, gap.before), (3, 7));
+        assert_eq!(port.entry(ch(7), &entry(8, "h")), None);
+        assert!(a.entries.try_recv().is_err(), "held back while filling");
+        let read: Vec<EntryJson> = [4u64, 6, 9]
+            .iter()
+            .map(|id| serde_json::from_slice(&entry(*id, "r")).unwrap())
+            .collect();
+        port.filled(gap, Ok(read));
+        let ids: Vec<u64> = std::iter::from_fn(|| a.entries.try_recv().ok())
+            .map(|e| e.entry_id)
+            .collect();
+        assert_eq!(ids, [4, 6, 7, 8]);
         let text = metrics.render();
         assert!(
             text.contains("tsgw_feed_missed_entries_total{channel=\"7\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("tsgw_feed_entries_total{channel=\"7\"} 2"),
+            text.contains("tsgw_feed_filled_entries_total{channel=\"7\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tsgw_feed_entries_total{channel=\"7\"} 6"),
             "{text}"
         );
         assert_eq!(hub.status()[0].state, "subscribed");

@@ -121,6 +121,45 @@ impl BulkClient {
         }
     }
 
+    /// Reads the newest `results` entries of `channel` with their status and
+    /// location (what a feed subscriber gets), oldest first. Entry ids, not
+    /// times, say which ones a feed skipped: `created_at` may be anything a
+    /// writer chose.
+    pub async fn read_newest(
+        &self,
+        channel: ChannelId,
+        results: usize,
+        key: Option<&ReadKey>,
+        timeout: Duration,
+    ) -> ReadResult {
+        // Built before any await: the serializer is not Send.
+        let path = {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            if let Some(key) = key {
+                query.append_pair("api_key", key.expose());
+            }
+            query.append_pair(
+                "results",
+                &results.min(thingspeak::read::MAX_RESULTS).to_string(),
+            );
+            query.append_pair("status", "true");
+            query.append_pair("location", "true");
+            format!("/channels/{channel}/feeds.json?{}", query.finish())
+        };
+        let (status, text) = match tokio::time::timeout(timeout, self.call("GET", path, None)).await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(message)) => return ReadResult::Failed(message),
+            Err(_) => return ReadResult::Failed(format!("no answer within {timeout:?}")),
+        };
+        match parse_answer::<Feeds>(text.as_bytes()) {
+            Ok(ReadAnswer::NoAccess) => ReadResult::NoAccess,
+            Ok(ReadAnswer::Found(feeds)) if status.is_success() => ReadResult::Entries(feeds.feeds),
+            Ok(ReadAnswer::Found(_)) => ReadResult::Failed(format!("HTTP {status}")),
+            Err(e) => ReadResult::Failed(format!("HTTP {status}, answer not a feed: {e}")),
+        }
+    }
+
     /// One request on a fresh connection: the status and the answer's text.
     async fn call(
         &self,

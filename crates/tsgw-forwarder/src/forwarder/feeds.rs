@@ -12,7 +12,14 @@ use bytes::Bytes;
 use thingspeak::{ChannelId, Topic};
 use tokio::time::Instant;
 
-use crate::feeds::FeedPort;
+use crate::feeds::{FeedPort, GapFill};
+use crate::rest::ReadResult;
+
+/// The read API's answer for a gap: the entries, or why there are none.
+pub(crate) type FillDone = (GapFill, Result<Vec<thingspeak::EntryJson>, String>);
+
+/// Entries asked for beyond a gap's size: writes that came meanwhile.
+const FILL_SLACK: u64 = 20;
 
 use super::{Conn, Forwarder};
 
@@ -75,14 +82,57 @@ impl Forwarder {
         port.answered(channel, granted);
     }
 
-    pub(super) fn feed_message(&self, topic: &str, payload: &Bytes) {
+    pub(super) fn feed_message(&mut self, topic: &str, payload: &Bytes) {
         let Some(port) = &self.feeds else {
             return;
         };
-        if let Ok(Topic::Subscribe { channel } | Topic::SubscribeJson { channel, .. }) =
-            Topic::parse(topic)
-        {
-            port.entry(channel, payload);
+        let gap = match Topic::parse(topic) {
+            Ok(Topic::Subscribe { channel } | Topic::SubscribeJson { channel, .. }) => {
+                port.entry(channel, payload)
+            }
+            _ => None,
+        };
+        if let Some(gap) = gap {
+            self.fill_gap(gap);
+        }
+    }
+
+    /// Reads the entries an outage skipped (the newest `gap + slack`, with
+    /// the channel's read key); the answer comes back as an event.
+    fn fill_gap(&mut self, gap: GapFill) {
+        let tx = self.fills_tx.clone();
+        let Some(client) = self.bulk.clone().filter(|_| self.config.read_api) else {
+            let _ = tx.try_send((gap, Err("the read API is off (read_api = false)".into())));
+            return;
+        };
+        let key = self.config.read_key(gap.channel);
+        let results =
+            usize::try_from(gap.before - gap.after - 1 + FILL_SLACK).unwrap_or(usize::MAX);
+        let timeout = self.confirm_timeout;
+        tokio::spawn(async move {
+            let read = match client.read_newest(gap.channel, results, key.as_ref(), timeout).await {
+                ReadResult::Entries(list) => Ok(list
+                    .into_iter()
+                    .map(|e| {
+                        let mut entry = thingspeak::EntryJson::new(gap.channel, e.entry_id, e.created_at);
+                        for t in thingspeak::payload::all_targets() {
+                            entry.set(t, e.get(t).map(str::to_owned));
+                        }
+                        entry
+                    })
+                    .collect()),
+                ReadResult::NoAccess => Err(
+                    "the read API refused (a private channel needs upstream.channels.\"<id>\".read_key)".into(),
+                ),
+                ReadResult::Failed(why) => Err(format!("the read API failed: {why}")),
+            };
+            let _ = tx.send((gap, read)).await;
+        });
+    }
+
+    pub(super) fn on_fill_done(&mut self, (gap, read): FillDone) {
+        if let Some(port) = &self.feeds {
+            port.filled(gap, read);
         }
     }
 

@@ -151,6 +151,9 @@ pub(crate) struct Forwarder {
     feeds: Option<FeedPort>,
     /// Feeds ThingSpeak refused on the current connection (not asked again on it).
     feed_refused: HashSet<ChannelId>,
+    /// Read API answers for entries an outage made a feed skip.
+    fills_tx: mpsc::Sender<feeds::FillDone>,
+    fills_rx: mpsc::Receiver<feeds::FillDone>,
 }
 
 impl Forwarder {
@@ -171,6 +174,7 @@ impl Forwarder {
         let (events_tx, events_rx) = mpsc::channel(64);
         let (bulk_tx, bulk_rx) = mpsc::channel(16);
         let (reads_tx, reads_rx) = mpsc::channel(16);
+        let (fills_tx, fills_rx) = mpsc::channel(16);
         let renew_idle_after = config.renew_idle_after();
         let confirm_timeout = Duration::from_secs_f64(config.confirm_timeout_secs);
         Self {
@@ -215,6 +219,8 @@ impl Forwarder {
             events_rx,
             feeds: None,
             feed_refused: HashSet::new(),
+            fills_tx,
+            fills_rx,
         }
     }
 
@@ -271,6 +277,7 @@ impl Forwarder {
                 Some(done) = self.bulk_rx.recv() => self.on_bulk_done(done),
                 Some(done) = self.reads_rx.recv() => self.on_read_done(done),
                 Some(channel) = feeds::next_feed_request(&mut self.feeds) => self.on_feed_request(channel),
+                Some(done) = self.fills_rx.recv() => self.on_fill_done(done),
                 _ = pushed.notified() => {}
                 _ = sleep_until(wake) => {}
             }
