@@ -596,3 +596,48 @@ async fn entries_written_during_an_outage_are_relayed_after_it() {
     }
     gateway.stop();
 }
+
+/// SIGHUP applies changed rules; an entry handled before the reload is not
+/// acted on again by the new rules.
+#[tokio::test]
+async fn sighup_applies_changed_downlink_rules() {
+    let emulator = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rule = |max: u32| {
+        format!(
+            r#"
+[[downlink]]
+name = "limit"
+channel = 1003
+source = "field1"
+max = {max}
+action.mqtt = {{ topic = "plant/limit" }}
+"#
+        )
+    };
+    let mut config = config(&emulator, dir.path(), 1.0, &rule(30));
+    let path = config.write(dir.path()).unwrap();
+    let mut gateway = Gateway::start(&path);
+    let mut plant = Sub::start(gateway.mqtt, "plant", &["plant/limit"]);
+    feed_subscribed(&gateway, 1003).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rest_update(&emulator, 1003, "field1=45").await;
+    let refused = "tsgw_downlink_refused_total{reason=\"above_max\",rule=\"limit\"}";
+    wait_until("45 refused", &gateway, async || {
+        gateway.metric(refused).await == 1.0
+    })
+    .await;
+
+    config.extra = config.extra.replace(&rule(30), &rule(50));
+    config.write(dir.path()).unwrap();
+    gateway.signal("HUP");
+    gateway.wait_for_log("downlink rules reloaded");
+    // The reloaded rule sees entry 45 again (the feed's newest) and leaves
+    // it; the channel's rate limit (1 s) passes meanwhile.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(plant.next(Duration::from_millis(300)).await.is_none());
+    rest_update(&emulator, 1003, "field1=46").await;
+    let (topic, payload) = plant.next(WAIT).await.expect("46 published");
+    assert_eq!((topic.as_str(), payload.as_str()), ("plant/limit", "46"));
+    gateway.stop();
+}

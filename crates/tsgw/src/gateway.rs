@@ -62,10 +62,45 @@ struct PolledDevices {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Downlink rules and where their actions go.
+/// Downlink rules and where their actions go; replaced as a group on reload.
 struct Downlink {
     targets: crate::downlink::Targets,
+    feeds: Arc<dyn tsgw_core::FeedSource>,
+    state_file: PathBuf,
+    metrics: Metrics,
+    sources_stop: CancellationToken,
+    stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Downlink {
+    fn start(&mut self, rules: &[crate::downlink::DownlinkRule]) {
+        self.stop = self.sources_stop.child_token();
+        self.tasks = crate::downlink::spawn(
+            rules,
+            self.feeds.clone(),
+            self.targets.clone(),
+            self.state_file.clone(),
+            &self.metrics,
+            self.stop.clone(),
+        );
+    }
+
+    /// Stops the rules' tasks between entries: an action under way finishes
+    /// and is recorded, so the next run neither repeats nor loses it.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        for task in self.tasks.drain(..) {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                warn!("a downlink action did not finish within 5 s; stopping it");
+                abort.abort();
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -162,17 +197,16 @@ impl Gateway {
         let targets = crate::downlink::Targets::new(Some(mqtt.local_publisher()));
         let polled_devices =
             spawn_polled_devices(&config, &readings, &metrics, &sources_stop, &targets)?;
-        let downlink = Downlink {
-            tasks: crate::downlink::spawn(
-                &config.downlink,
-                Arc::new(feeds.clone()),
-                targets.clone(),
-                crate::downlink::state_path(&config.queue.dir),
-                &metrics,
-                sources_stop.clone(),
-            ),
+        let mut downlink = Downlink {
             targets,
+            feeds: Arc::new(feeds.clone()),
+            state_file: crate::downlink::state_path(&config.queue.dir),
+            metrics: metrics.clone(),
+            sources_stop: sources_stop.clone(),
+            stop: sources_stop.child_token(),
+            tasks: Vec::new(),
         };
+        downlink.start(&config.downlink);
 
         let store: Arc<dyn ReadingStore> = Arc::new(queue.clone());
         let forwarder = {
@@ -250,6 +284,13 @@ impl Gateway {
             &self.sources_stop,
             &self.downlink.targets,
         )?;
+        if new.downlink != self.config.downlink {
+            // The devices they write to were restarted above; the handled
+            // entry ids stay on disk, so nothing is applied twice.
+            self.downlink.stop().await;
+            self.downlink.start(&new.downlink);
+            info!(rules = new.downlink.len(), "downlink rules reloaded");
+        }
         self.status.reconfigure(&new);
         for (section, changed) in [
             ("queue", toml_of(&new.queue) != toml_of(&self.config.queue)),
@@ -257,7 +298,6 @@ impl Gateway {
                 "upstream",
                 toml_of(&new.upstream) != toml_of(&self.config.upstream),
             ),
-            ("downlink", new.downlink != self.config.downlink),
             // http.users apply at once (the status page re-reads them).
             (
                 "http",
@@ -306,18 +346,8 @@ impl Gateway {
         self.sources_stop.cancel();
         self.polled_devices.stop.cancel();
         drop(self.readings);
-        // Downlink tasks stop between entries: an action under way finishes
-        // and is recorded, so the next run neither repeats nor loses it.
-        for task in self.downlink.tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-            {
-                warn!("a downlink action did not finish within 5 s; stopping it");
-                abort.abort();
-            }
-        }
+        let mut downlink = self.downlink;
+        downlink.stop().await;
         drop(self.mqtt);
         if tokio::time::timeout(DRAIN_TIMEOUT, self.writer)
             .await
