@@ -146,6 +146,10 @@ impl Forwarder {
         if port.wanted().is_empty() {
             return None;
         }
+        // A publish handed to the connection is written (or times out) first.
+        if self.in_flight.is_some() {
+            return None;
+        }
         match &self.conn {
             Conn::Up { last_publish, .. } => Some(*last_publish + self.renew_idle_after),
             _ => None,
