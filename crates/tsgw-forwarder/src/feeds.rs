@@ -35,6 +35,10 @@ use crate::config::UpstreamConfig;
 /// Entries a slow consumer may fall behind before it misses some.
 const FEED_CAPACITY: usize = 256;
 
+/// A refused feed is not asked for again sooner than this: a device that
+/// resubscribes in a loop must not make the gateway hammer ThingSpeak.
+pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
 /// How long a subscriber waits for ThingSpeak's SUBACK while the connection
 /// is up. Past it (a slow link) the subscription is granted and made anyway.
 pub const SUBACK_WAIT: Duration = Duration::from_secs(5);
@@ -71,7 +75,11 @@ enum Upstream {
     /// Asked for; no answer on the current connection yet.
     Wanted,
     Granted,
-    Refused(String),
+    /// ThingSpeak refused it (`at`: when; `None`: never asked yet).
+    Refused {
+        message: String,
+        at: Option<std::time::Instant>,
+    },
 }
 
 struct Feed {
@@ -262,7 +270,8 @@ impl FeedHub {
             .map(|(channel, f)| FeedStatus {
                 channel: *channel,
                 state: match (&f.upstream, state.up.get(f.slot).copied().unwrap_or(false)) {
-                    (Upstream::Refused(_), _) => "refused",
+                    (Upstream::Refused { at: Some(_), .. }, _) => "refused",
+                    (Upstream::Refused { at: None, .. }, _) => "waiting",
                     (_, false) => "connection_down",
                     (Upstream::Wanted, true) => "waiting",
                     (Upstream::Granted, true) => "subscribed",
@@ -328,15 +337,26 @@ impl FeedHub {
                 slot,
                 tx: broadcast::channel(FEED_CAPACITY).0,
                 last: None,
-                upstream: Upstream::Refused(String::new()),
+                upstream: Upstream::Refused {
+                    message: String::new(),
+                    at: None,
+                },
                 waiters: Vec::new(),
                 interrupted: false,
                 filling: None,
             });
             match &feed.upstream {
                 Upstream::Granted => return Ok(Self::tap(feed)),
-                // Asked before and refused: ask again (rights may have changed).
-                Upstream::Refused(_) => {
+                // Refused a while ago: ask again (rights may have changed).
+                Upstream::Refused {
+                    message,
+                    at: Some(at),
+                } if at.elapsed() < ASK_AGAIN_AFTER => {
+                    let message = message.clone();
+                    drop(state);
+                    return Err(self.refuse("upstream_refused", message));
+                }
+                Upstream::Refused { .. } => {
                     feed.upstream = Upstream::Wanted;
                     let _ = self.inner.ports[slot].send(channel);
                 }
@@ -463,7 +483,10 @@ impl FeedPort {
                  MQTT device authorised to subscribe to this channel?)"
             );
             tracing::warn!(%channel, "{message}");
-            feed.upstream = Upstream::Refused(message.clone());
+            feed.upstream = Upstream::Refused {
+                message: message.clone(),
+                at: Some(std::time::Instant::now()),
+            };
             self.hub
                 .inner
                 .metrics
@@ -709,10 +732,20 @@ mod tests {
         port.answered(ch(5), false);
         assert_eq!(asked.await.unwrap().unwrap_err().reason, "upstream_refused");
         assert_eq!(hub.status()[0].state, "refused");
+        // Asked again within the minute: refused at once, ThingSpeak not asked.
+        let again = hub.tap_channel(ch(5), None).await.unwrap_err();
+        assert_eq!(again.reason, "upstream_refused");
+        assert!(port.requests.try_recv().is_err());
         let text = metrics.render();
-        for reason in ["no_credentials", "read_key", "upstream_refused"] {
+        for (reason, n) in [
+            ("no_credentials", 1),
+            ("read_key", 1),
+            ("upstream_refused", 2),
+        ] {
             assert!(
-                text.contains(&format!("tsgw_feed_refused_total{{reason=\"{reason}\"}} 1")),
+                text.contains(&format!(
+                    "tsgw_feed_refused_total{{reason=\"{reason}\"}} {n}"
+                )),
                 "{reason}: {text}"
             );
         }
