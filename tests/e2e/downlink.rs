@@ -441,6 +441,20 @@ action.modbus = {{ device = "boiler", kind = "holding", address = 10, type = "i1
             .await,
         2.0
     );
+
+    // The status page shows the feed and the rule's outcomes.
+    let (status, html) = gateway.get("/").await;
+    assert_eq!(status, 200);
+    for want in [
+        "<td>1001</td><td class=\"state up\">subscribed</td>",
+        "<td>boiler-setpoint</td><td class=\"num\">2</td><td class=\"num\">1</td>",
+        "above_max: 1 in the last hour (1 in all)",
+    ] {
+        assert!(
+            html.contains(want),
+            "{want} not in the status page:\n{html}"
+        );
+    }
     gateway.stop();
 
     // The setpoint is the channel's newest entry, so subscribing after the

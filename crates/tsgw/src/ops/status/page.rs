@@ -63,6 +63,7 @@ pub fn render(page: &StatusPage, refresh: Duration) -> String {
     channels(&mut out, page);
     plots(&mut out, page);
     queue(&mut out, page);
+    downlink(&mut out, page);
     out.push_str("</body></html>");
     out
 }
@@ -332,6 +333,58 @@ fn plots(out: &mut String, page: &StatusPage) {
     }
 }
 
+/// Channel feeds and downlink rules, when there are any.
+fn downlink(out: &mut String, page: &StatusPage) {
+    let d = &page.downlink;
+    if d.feeds.is_empty() && d.rules.is_empty() {
+        return;
+    }
+    out.push_str("<h2>From ThingSpeak</h2>");
+    if !d.feeds.is_empty() {
+        out.push_str(
+            "<table id=\"feeds\"><thead><tr><th>Channel feed</th><th>Subscription</th>\
+             <th>Entries relayed</th><th>Read after an outage</th><th>Missed</th></tr></thead><tbody>",
+        );
+        for f in &d.feeds {
+            let (class, state) = if f.subscribed {
+                ("up", "subscribed")
+            } else {
+                ("down", "down")
+            };
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td class=\"state {class}\">{state}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                escape(&f.channel),
+                f.entries,
+                f.filled,
+                f.missed
+            );
+        }
+        out.push_str("</tbody></table>");
+    }
+    if !d.rules.is_empty() {
+        out.push_str(
+            "<table id=\"downlink\"><thead><tr><th>Downlink rule</th><th>Entries</th><th>Applied</th>\
+             <th>Refused</th><th>Failed</th></tr></thead><tbody>",
+        );
+        for r in &d.rules {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>",
+                escape(&r.rule),
+                r.received,
+                r.applied
+            );
+            errors(out, &r.refused);
+            out.push_str("</td><td>");
+            errors(out, &r.failed);
+            out.push_str("</td></tr>");
+        }
+        out.push_str("</tbody></table>");
+    }
+}
+
 fn queue(out: &mut String, page: &StatusPage) {
     let q = &page.queue;
     out.push_str("<h2>Queue</h2><table id=\"queue\"><tbody><tr><th>State</th><td>");
@@ -403,6 +456,7 @@ mod tests {
                 last_publish: None,
                 backfill: Vec::new(),
             },
+            downlink: Default::default(),
             queue: QueueView {
                 open: OpenState {
                     phase: OpenPhase::Counting,

@@ -40,6 +40,33 @@ pub struct StatusPage {
     pub plots: Vec<Plot>,
     /// Numbers not plotted because too many fields are plotted already.
     pub unplotted: u64,
+    pub downlink: DownlinkView,
+}
+
+/// ThingSpeak's channel feeds (drop-in subscribers, downlink rules) and the
+/// `[[downlink]]` rules' outcomes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DownlinkView {
+    pub feeds: Vec<FeedRow>,
+    pub rules: Vec<RuleRow>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedRow {
+    pub channel: String,
+    pub subscribed: bool,
+    pub entries: u64,
+    pub filled: u64,
+    pub missed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleRow {
+    pub rule: String,
+    pub received: u64,
+    pub applied: u64,
+    pub refused: Vec<ErrorCount>,
+    pub failed: Vec<ErrorCount>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +212,43 @@ pub fn collect(inputs: &Inputs<'_>) -> StatusPage {
             })
             .collect(),
         unplotted: inputs.recent.unplotted,
+        downlink: downlink(inputs),
     }
+}
+
+fn downlink(inputs: &Inputs<'_>) -> DownlinkView {
+    let f = inputs.families;
+    let feeds = f
+        .samples("tsgw_feed_subscribed")
+        .iter()
+        .map(|s| {
+            let channel = s.label("channel").to_owned();
+            let having = [("channel", channel.as_str())];
+            FeedRow {
+                subscribed: s.value > 0.0,
+                entries: count(f.sum("tsgw_feed_entries_total", &having)),
+                filled: count(f.sum("tsgw_feed_filled_entries_total", &having)),
+                missed: count(f.sum("tsgw_feed_missed_entries_total", &having)),
+                channel,
+            }
+        })
+        .collect();
+    let rules = f
+        .samples("tsgw_downlink_received_total")
+        .iter()
+        .map(|s| {
+            let rule = s.label("rule").to_owned();
+            let having = [("rule", rule.as_str())];
+            RuleRow {
+                received: count(s.value),
+                applied: count(f.sum("tsgw_downlink_applied_total", &having)),
+                refused: error_counts(inputs, "tsgw_downlink_refused_total", &having, "reason", ""),
+                failed: error_counts(inputs, "tsgw_downlink_failed_total", &having, "reason", ""),
+                rule,
+            }
+        })
+        .collect();
+    DownlinkView { feeds, rules }
 }
 
 fn source_kind(label: &str) -> Option<SourceKind> {
