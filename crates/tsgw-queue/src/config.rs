@@ -24,8 +24,11 @@ pub struct QueueConfig {
     /// through 2 million pushes stayed between 9 and 14 MiB. Plan on about 4x
     /// this value plus 10 MiB.
     pub max_bytes: u64,
-    /// Readings are durable (fsynced) at most this long after `push` returned.
-    /// Also how often the queue gauges are refreshed.
+    /// Readings are durable (fsynced) at most this long after `push` returned,
+    /// unless a waiting QoS 1 ack flushes sooner. Also how often the queue
+    /// gauges are refreshed. 10 s by default: every flush writes at least a
+    /// 4 KiB page, so at 1 reading/s a 1 s interval wrote ~5 KiB per reading
+    /// and 10 s ~1.1 KiB (`tsgw-bench wear`; the README's table).
     pub flush_interval_ms: u64,
     /// Memory sled may use for its page cache (its own default is 1 GiB).
     pub cache_capacity_bytes: u64,
@@ -36,7 +39,7 @@ impl Default for QueueConfig {
         Self {
             dir: PathBuf::from("/var/lib/tsgw/queue"),
             max_bytes: 64 * 1024 * 1024,
-            flush_interval_ms: 1000,
+            flush_interval_ms: 10_000,
             cache_capacity_bytes: 4 * 1024 * 1024,
         }
     }
