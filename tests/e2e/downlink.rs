@@ -579,6 +579,12 @@ async fn entries_written_during_an_outage_are_relayed_after_it() {
 
     emulator.refuse_connections_for(Duration::from_secs(4));
     emulator.drop_all_connections();
+    // The health endpoint says the feed is down while it is.
+    wait_until("the feed shown down", &gateway, async || {
+        let (_, health) = gateway.get("/readyz").await;
+        health.contains(r#""channel":1001,"state":"connection_down""#)
+    })
+    .await;
     for n in 2..=4 {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         rest_update(&emulator, 1001, &format!("field1={n}&status=s{n}")).await;
