@@ -63,10 +63,6 @@ pub fn open_or_quarantine(
     progress: &OpenProgress,
 ) -> Result<Opened, QueueError> {
     progress.start();
-    crate::swap::recover_interrupted_swap(&config.dir).map_err(|e| QueueError::Open {
-        dir: config.dir.clone(),
-        source: sled::Error::Io(e),
-    })?;
     let dir = config.dir.clone();
     let _reporter = report_while_open(progress, LOG_EVERY, move |state| log_progress(&dir, state));
     let opened = open_or_quarantine_inner(config, metrics, progress);

@@ -136,6 +136,12 @@ impl DurableQueue {
         progress: &OpenProgress,
     ) -> Result<DurableQueue, QueueError> {
         config.validate()?;
+        // Only here, not on every open: a move in this process opens the
+        // fresh store while the old one is still aside.
+        swap::recover_interrupted_swap(&config.dir).map_err(|e| QueueError::Open {
+            dir: config.dir.clone(),
+            source: sled::Error::Io(e),
+        })?;
         let opened = open_or_quarantine(config, &metrics, progress)?;
         let queue = DurableQueue {
             inner: Arc::new(Inner {
@@ -509,57 +515,44 @@ impl DurableQueue {
         old.db
             .flush()
             .map_err(self.failure("flushing a drained store"))?;
-        let fresh = QueueConfig {
-            dir: swap::fresh_path(&dir),
-            ..self.inner.config.clone()
-        };
-        let io = |e: std::io::Error| QueueError::Open {
-            dir: fresh.dir.clone(),
-            source: sled::Error::Io(e),
-        };
-        {
-            let built = open_or_quarantine(&fresh, &self.inner.metrics, &OpenProgress::new())?;
-            // The seqs handed out so far, so seqs keep growing after a restart.
-            built
-                .readings
-                .insert(COUNTS_KEY, Counts::default().encode(state.last_seq))
-                .and_then(|_| built.db.flush())
-                .map_err(|source| QueueError::Open {
-                    dir: fresh.dir.clone(),
-                    source,
-                })?;
-        }
-        swap::sync_tree(&fresh.dir).map_err(io)?;
-
         self.inner
             .store
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         drop(old);
-        if let Err(e) = swap::install(&fresh.dir, &dir) {
-            // The flusher reopens whatever store `dir` now names (or a new one).
+        // From here on any error leaves the flusher to reopen whatever store
+        // `dir` names (or a new one), as after any storage error.
+        let fail = |e: QueueError| {
             self.inner.failed.store(true, Ordering::Release);
-            return Err(io(e));
-        }
-        let opened = match open_or_quarantine(
+            e
+        };
+        swap::retire(&dir).map_err(|e| {
+            fail(QueueError::Open {
+                dir: dir.clone(),
+                source: sled::Error::Io(e),
+            })
+        })?;
+        let opened = open_or_quarantine(
             &self.inner.config,
             &self.inner.metrics,
             &OpenProgress::new(),
-        ) {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.inner.failed.store(true, Ordering::Release);
-                return Err(e);
-            }
-        };
-        let store = match Store::new(opened.db, opened.readings, &dir) {
-            Ok(store) => store,
-            Err(e) => {
-                self.inner.failed.store(true, Ordering::Release);
-                return Err(e);
-            }
-        };
+        )
+        .map_err(fail)?;
+        let store = Store::new(opened.db, opened.readings, &dir).map_err(fail)?;
+        // The seqs handed out so far, so seqs keep growing after a restart.
+        store
+            .readings
+            .insert(COUNTS_KEY, Counts::default().encode(state.last_seq))
+            .and_then(|_| store.db.flush())
+            .and_then(|_| store.log.sync_data().map_err(sled::Error::Io))
+            .map_err(|source| {
+                fail(QueueError::Open {
+                    dir: dir.clone(),
+                    source,
+                })
+            })?;
+        swap::delete_retired(&dir);
         state.counts = opened.counts;
         state.last_seq = state.last_seq.max(opened.max_seq);
         state.recorded = true;

@@ -6,16 +6,23 @@
 //! its files are larger than [`RETURN_SPACE_ABOVE`], the flusher moves to a
 //! fresh store (see `DurableQueue::return_space_if_drained`):
 //!
-//! 1. the old store is flushed (it holds nothing: delivered removals only);
-//! 2. a fresh store is built in `<dir>.fresh`, carrying the highest seq handed
-//!    out, flushed, closed, and every file and the directory fsynced;
-//! 3. `<dir>` is renamed to `<dir>.old`, `<dir>.fresh` to `<dir>`, the parent
-//!    directory fsynced, and `<dir>.old` deleted.
+//! 1. the old store is flushed (it holds nothing: delivered removals only)
+//!    and closed;
+//! 2. `<dir>` is renamed to `<dir>.old` and the parent directory fsynced;
+//! 3. a fresh store is created at `<dir>` (its files and directories fsynced
+//!    as at every open), carrying the highest seq handed out, and flushed;
+//! 4. `<dir>.old` is deleted.
 //!
 //! Pushes wait on the queue's lock meanwhile, so no reading can land in the
 //! old store once it was found empty. A crash at any point leaves an empty
 //! store to continue with: opening first finishes or undoes the move
 //! ([`recover_interrupted_swap`]), and what it deletes never held a reading.
+//!
+//! The fresh store is created where it will stay rather than built aside and
+//! renamed into place: sled rewrites its snapshot when it opens an existing
+//! store, and the power-cut test (`tests/power_cut`) caught a cut during that
+//! second open leaving a store sled could not open (quarantined, though
+//! empty). A store cut short while being created starts clean instead.
 
 use std::fs::File;
 use std::io;
@@ -27,67 +34,46 @@ use tracing::{info, warn};
 /// fresh store takes a few hundred KiB (sled's first segment and its conf).
 pub const RETURN_SPACE_ABOVE: u64 = 2 << 20;
 
-pub fn fresh_path(dir: &Path) -> PathBuf {
-    sibling(dir, "fresh")
-}
-
 fn old_path(dir: &Path) -> PathBuf {
-    sibling(dir, "old")
-}
-
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(".");
-    name.push(suffix);
+    name.push(".old");
     dir.with_file_name(name)
 }
 
 /// Finishes or undoes a move to a fresh store that a crash interrupted.
 /// Called before the store is opened.
 pub fn recover_interrupted_swap(dir: &Path) -> io::Result<()> {
-    let fresh = fresh_path(dir);
     let old = old_path(dir);
-    if !dir.exists() && fresh.is_dir() {
-        // Stopped between the two renames: the fresh store is complete.
-        std::fs::rename(&fresh, dir)?;
-        sync_parent(dir)?;
-        info!(dir = %dir.display(), "finished moving to a fresh queue store after a restart");
-    } else if fresh.exists() {
-        // Stopped while building it: the old store is still in place.
-        std::fs::remove_dir_all(&fresh)?;
+    if !old.exists() {
+        return Ok(());
     }
-    if old.exists() {
-        // A drained store whose deletion was interrupted.
+    if dir.exists() {
+        // The fresh store was (being) created: it is the store now, and the
+        // old one was empty.
         std::fs::remove_dir_all(&old)?;
+    } else {
+        // Stopped right after the old store was moved aside: it is whole (and
+        // empty), so take it back; the next drain check tries again.
+        std::fs::rename(&old, dir)?;
+        sync_parent(dir)?;
+        info!(dir = %dir.display(), "took the drained queue store back after a restart");
     }
     Ok(())
 }
 
-/// Makes the fresh store at `fresh` the store at `dir` (steps 3 above).
-pub fn install(fresh: &Path, dir: &Path) -> io::Result<()> {
+/// Moves the (drained, closed) store at `dir` aside (step 2 above).
+pub fn retire(dir: &Path) -> io::Result<()> {
+    std::fs::rename(dir, old_path(dir))?;
+    sync_parent(dir)
+}
+
+/// Deletes the retired store (step 4 above).
+pub fn delete_retired(dir: &Path) {
     let old = old_path(dir);
-    std::fs::rename(dir, &old)?;
-    std::fs::rename(fresh, dir)?;
-    sync_parent(dir)?;
     if let Err(e) = std::fs::remove_dir_all(&old) {
         // Harmless: the next open deletes it.
         warn!(dir = %old.display(), error = %e, "could not delete the drained queue store");
     }
-    Ok(())
-}
-
-/// fsyncs every file in `dir` (recursively) and the directories themselves,
-/// so a power cut cannot leave a store whose files the kernel never wrote.
-pub fn sync_tree(dir: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            sync_tree(&entry.path())?;
-        } else {
-            File::open(entry.path())?.sync_all()?;
-        }
-    }
-    File::open(dir)?.sync_all()
 }
 
 fn sync_parent(dir: &Path) -> io::Result<()> {
@@ -122,38 +108,29 @@ mod tests {
     fn an_interrupted_move_is_finished_or_undone() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("queue");
-        // Between the renames: only .old and .fresh exist.
-        std::fs::create_dir(old_path(&dir)).unwrap();
-        std::fs::create_dir(fresh_path(&dir)).unwrap();
-        std::fs::write(fresh_path(&dir).join("marker"), b"fresh").unwrap();
-        recover_interrupted_swap(&dir).unwrap();
-        assert_eq!(std::fs::read(dir.join("marker")).unwrap(), b"fresh");
-        assert!(!old_path(&dir).exists() && !fresh_path(&dir).exists());
-
-        // While building: the store stays, the half-built one goes.
-        std::fs::create_dir(fresh_path(&dir)).unwrap();
-        recover_interrupted_swap(&dir).unwrap();
-        assert!(dir.join("marker").exists());
-        assert!(!fresh_path(&dir).exists());
-
         // Nothing to do.
         recover_interrupted_swap(&dir).unwrap();
-        assert!(dir.join("marker").exists());
-    }
 
-    #[test]
-    fn install_replaces_the_store() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("queue");
+        // Stopped after the old store went aside: it comes back.
         std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join("db"), vec![0u8; 1 << 16]).unwrap();
-        let fresh = fresh_path(&dir);
-        std::fs::create_dir(&fresh).unwrap();
-        std::fs::write(fresh.join("db"), b"new").unwrap();
-        sync_tree(&fresh).unwrap();
-        install(&fresh, &dir).unwrap();
-        assert_eq!(std::fs::read(dir.join("db")).unwrap(), b"new");
+        std::fs::write(dir.join("db"), b"old").unwrap();
+        retire(&dir).unwrap();
+        assert!(!dir.exists());
+        recover_interrupted_swap(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("db")).unwrap(), b"old");
         assert!(!old_path(&dir).exists());
-        assert!(disk_usage(&dir) < 1 << 16);
+
+        // Stopped while (or after) the fresh one was created: it stays.
+        retire(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("db"), b"fresh").unwrap();
+        recover_interrupted_swap(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("db")).unwrap(), b"fresh");
+        assert!(!old_path(&dir).exists());
+
+        retire(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        delete_retired(&dir);
+        assert!(!old_path(&dir).exists());
     }
 }
