@@ -661,3 +661,47 @@ action.mqtt = {{ topic = "plant/limit" }}
     assert_eq!((topic.as_str(), payload.as_str()), ("plant/limit", "46"));
     gateway.stop();
 }
+
+/// With credentials only for some channels (`[[upstream.connections]]`, no
+/// top-level set), a subscription to another channel gets 0x80 at once,
+/// counted and logged; a covered channel's feed works.
+#[tokio::test]
+async fn a_channel_without_credentials_is_refused() {
+    use tsgw_testkit::{CLIENT_ID, PASSWORD, USERNAME};
+    let emulator = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[[upstream.connections]]\nclient_id = \"{CLIENT_ID}\"\nusername = \"{USERNAME}\"\n\
+         password = \"{PASSWORD}\"\nchannels = [1001]\n"
+    );
+    let config = config(&emulator, dir.path(), 1.0, &extra);
+    let path = config.write(dir.path()).unwrap();
+    // No top-level credentials: only channel 1001 has any.
+    let gateway = Gateway::start_with_env(&path, &[("TSGW_UPSTREAM__CLIENT_ID", "")]);
+    let codes = suback(
+        gateway.mqtt,
+        "sketch",
+        &[
+            "channels/1002/subscribe/fields/field1",
+            "channels/1001/subscribe",
+        ],
+    )
+    .await;
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtMostOnce)
+        ]
+    );
+    let denied = gateway.metric_family("tsgw_mqtt_denied_total").await;
+    assert!(
+        denied.contains("reason=\"feed_no_credentials\"") && denied.ends_with(" 1"),
+        "{denied}"
+    );
+    assert!(gateway
+        .find_log("ThingSpeak feed subscription refused: channel 1002: no upstream credentials cover it (list it in an [[upstream.connections]] entry, or set the top-level credentials)")
+        .is_some(), "{}", gateway.log_tail());
+    feed_subscribed(&gateway, 1001).await;
+    gateway.stop();
+}
