@@ -541,6 +541,27 @@ async fn writes_go_through_the_bus_and_are_read_back() {
         .unwrap_err();
     assert_eq!(e, WriteError::Exception("IllegalFunction".into()));
     assert_eq!(errors(&metrics, "plc", "write_exception"), 1);
+    // A PLC that acknowledges the write but keeps its value: the read-back says so.
+    sim.protect_holding(1, 0);
+    let e = writer
+        .write(
+            "plc",
+            WriteValue::Registers {
+                address: 0,
+                words: vec![99],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e,
+        WriteError::ReadBack {
+            wrote: vec![99],
+            read: vec![7]
+        }
+    );
+    assert_eq!(e.reason(), "readback_mismatch");
+    assert_eq!(errors(&metrics, "plc", "write_readback_mismatch"), 1);
     let e = writer
         .write(
             "nope",

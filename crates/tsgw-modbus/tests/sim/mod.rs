@@ -30,6 +30,9 @@ struct State {
     delays: HashMap<u8, Duration>,
     exceptions: HashMap<u8, ExceptionCode>,
     requests: HashMap<u8, usize>,
+    /// Holding registers that acknowledge writes but keep their value (a
+    /// PLC clamping or ignoring a setpoint).
+    write_protected: HashSet<(u8, u16)>,
     /// Arrival time and unit of every request, in order.
     log: Vec<(tokio::time::Instant, u8)>,
 }
@@ -97,6 +100,10 @@ impl Sim {
     }
 
     /// Requests received for `unit` so far.
+    pub fn protect_holding(&self, unit: u8, addr: u16) {
+        self.state().write_protected.insert((unit, addr));
+    }
+
     pub fn holding(&self, unit: u8, addr: u16) -> Option<u16> {
         self.state().holding.get(&(unit, addr)).copied()
     }
@@ -168,7 +175,9 @@ impl Sim {
                 read(&st.discrete, unit, a, n).map(Response::ReadDiscreteInputs)
             }
             Request::WriteSingleRegister(a, w) => {
-                st.holding.insert((unit, a), w);
+                if !st.write_protected.contains(&(unit, a)) {
+                    st.holding.insert((unit, a), w);
+                }
                 Ok(Response::WriteSingleRegister(a, w))
             }
             Request::WriteMultipleRegisters(a, words) => {
