@@ -35,6 +35,10 @@ use crate::config::UpstreamConfig;
 /// Entries a slow consumer may fall behind before it misses some.
 const FEED_CAPACITY: usize = 256;
 
+/// Distinct channels the hub serves feeds for. Local clients choose the ids
+/// they subscribe to; past this many, new ones are refused (`too_many_feeds`).
+pub const MAX_FEEDS: usize = 256;
+
 /// A refused feed is not asked for again sooner than this: a device that
 /// resubscribes in a loop must not make the gateway hammer ThingSpeak.
 pub const ASK_AGAIN_AFTER: Duration = Duration::from_secs(60);
@@ -93,6 +97,9 @@ struct Feed {
     interrupted: bool,
     /// Entries held back while the skipped ones are read, oldest first.
     filling: Option<Vec<FeedEntry>>,
+    /// Granted once: only such channels get a `channel` metric label (a
+    /// local client asking for arbitrary ids must not grow the metrics).
+    ever_granted: bool,
 }
 
 /// Entries a feed skipped after an outage: ids `after + 1 .. before`.
@@ -332,6 +339,15 @@ impl FeedHub {
         let (waiter, answer) = oneshot::channel();
         {
             let mut state = self.lock();
+            if state.feeds.len() >= MAX_FEEDS && !state.feeds.contains_key(&channel) {
+                drop(state);
+                return Err(self.refuse(
+                    "too_many_feeds",
+                    format!(
+                        "channel {channel}: the gateway already serves {MAX_FEEDS} channel feeds"
+                    ),
+                ));
+            }
             let up = state.up.get(slot).copied().unwrap_or(false);
             let feed = state.feeds.entry(channel).or_insert_with(|| Feed {
                 slot,
@@ -344,6 +360,7 @@ impl FeedHub {
                 waiters: Vec::new(),
                 interrupted: false,
                 filling: None,
+                ever_granted: false,
             });
             match &feed.upstream {
                 Upstream::Granted => return Ok(Self::tap(feed)),
@@ -446,12 +463,14 @@ impl FeedPort {
                 feed.upstream = Upstream::Wanted;
             }
             feed.interrupted |= feed.last.is_some();
-            self.hub
-                .inner
-                .metrics
-                .subscribed
-                .with_label_values(&[&channel.to_string()])
-                .set(0);
+            if feed.ever_granted {
+                self.hub
+                    .inner
+                    .metrics
+                    .subscribed
+                    .with_label_values(&[&channel.to_string()])
+                    .set(0);
+            }
         }
     }
 
@@ -470,6 +489,7 @@ impl FeedPort {
                 tracing::info!(%channel, "channel feed subscribed upstream");
             }
             feed.upstream = Upstream::Granted;
+            feed.ever_granted = true;
             self.hub
                 .inner
                 .metrics
@@ -487,12 +507,14 @@ impl FeedPort {
                 message: message.clone(),
                 at: Some(std::time::Instant::now()),
             };
-            self.hub
-                .inner
-                .metrics
-                .subscribed
-                .with_label_values(&[&label])
-                .set(0);
+            if feed.ever_granted {
+                self.hub
+                    .inner
+                    .metrics
+                    .subscribed
+                    .with_label_values(&[&label])
+                    .set(0);
+            }
             Err(FeedRefusal {
                 reason: "upstream_refused",
                 message,
@@ -737,6 +759,10 @@ mod tests {
         assert_eq!(again.reason, "upstream_refused");
         assert!(port.requests.try_recv().is_err());
         let text = metrics.render();
+        assert!(
+            !text.contains("tsgw_feed_subscribed{channel=\"5\"}"),
+            "a channel never granted gets no label: {text}"
+        );
         for (reason, n) in [
             ("no_credentials", 1),
             ("read_key", 1),
@@ -749,5 +775,18 @@ mod tests {
                 "{reason}: {text}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_number_of_feeds_is_bounded() {
+        let hub = FeedHub::new(&UpstreamConfig::default(), &Metrics::new());
+        // Connection down: each tap is granted at once (made on connect).
+        for id in 1..=MAX_FEEDS as u64 {
+            hub.tap_channel(ch(id), None).await.unwrap();
+        }
+        let e = hub.tap_channel(ch(100_000), None).await.unwrap_err();
+        assert_eq!(e.reason, "too_many_feeds");
+        // Channels already served still are.
+        hub.tap_channel(ch(1), None).await.unwrap();
     }
 }

@@ -65,6 +65,7 @@ pub(super) fn refusal_label(reason: &str) -> &'static str {
         "no_credentials" => "feed_no_credentials",
         "upstream_refused" => "feed_upstream_refused",
         "read_key" => "feed_read_key",
+        "too_many_feeds" => "feed_too_many",
         _ => "feed_unavailable",
     }
 }
