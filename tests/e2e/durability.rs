@@ -133,3 +133,88 @@ async fn the_backlog_of_an_outage_is_delivered_after_it() {
     assert_eq!(emulator.counters().dropped_rate_limit, 0);
     assert_eq!(gateway.metric("tsgw_queue_readings").await, 0.0);
 }
+
+/// Bytes the files under `dir` take on disk.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => disk_usage(&e.path()),
+                    Ok(m) => m.blocks() * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// sled never shrinks its files: after a burst is delivered, the gateway
+/// moves to a fresh store and the disk use falls back, without a restart and
+/// without losing the readings that arrive next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_queue_gives_its_disk_space_back() {
+    let emu = emulator(Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &config_toml(&emu, dir.path(), 1.0, ""));
+    let mut gateway = Gateway::start(&cfg);
+    let queue_dir = dir.path().join("queue");
+    const BURST: usize = 150_000;
+    let broker = gateway.mqtt;
+    tokio::task::spawn_blocking(move || {
+        tsgw_testkit::qos0_burst(
+            broker,
+            "channels/1001/publish",
+            1,
+            BURST,
+            Duration::from_secs(300),
+        )
+        .expect("every publish written")
+    })
+    .await
+    .unwrap();
+    let accepted = r#"tsgw_readings_total{device="drop_in",result="accepted",source="mqtt"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut peak = 0;
+    // Accepted, then delivered: the queue is empty.
+    loop {
+        peak = peak.max(disk_usage(&queue_dir));
+        let done = gateway.metric(accepted).await == BURST as f64
+            && gateway.metric("tsgw_queue_readings").await == 0.0;
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the burst was not delivered in time:\n{}",
+            gateway.metric_family("tsgw_queue").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(peak > 2 << 20, "the store never grew past 2 MiB ({peak} B)");
+    // Within a minute of the drain the disk use falls back.
+    gateway.wait_for_log("queue drained: moved to a fresh store to give its disk space back");
+    let after = disk_usage(&queue_dir);
+    assert!(
+        after < 1 << 20,
+        "store still takes {after} B (peak {peak} B)"
+    );
+    assert_eq!(gateway.metric("tsgw_queue_quarantined_total").await, 0.0);
+    let (_, text) = gateway.get("/metrics").await;
+    assert_eq!(
+        metric_sum(&text, "tsgw_queue_dropped_total", &[]),
+        0.0,
+        "{text}"
+    );
+
+    // The fresh store works: the next reading is stored and delivered.
+    let dev = device(gateway.mqtt, "after-move").await;
+    publish(&dev, "channels/1002/publish", "field1=42").await;
+    wait_for_delivery(&emu, "a reading after the move", |got| {
+        got.get(&(1002, "field1".to_string()))
+            .is_some_and(|v| v.iter().any(|x| x == "42"))
+    })
+    .await;
+}
