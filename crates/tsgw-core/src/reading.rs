@@ -64,6 +64,12 @@ impl fmt::Display for Value {
 /// Rounds to 12 significant digits by a round trip through scientific notation
 /// (exact decimal rounding, no power-of-ten arithmetic on the float).
 fn round_significant(n: f64) -> f64 {
+    // Whole numbers below 10^12 have at most 12 digits: nothing to round, and
+    // they are most readings (counters, registers); the round trip through
+    // text is the expensive part.
+    if n.fract() == 0.0 && n.abs() < 1e12 {
+        return n;
+    }
     format!("{n:.11e}").parse().unwrap_or(n)
 }
 
