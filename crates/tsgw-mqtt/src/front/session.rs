@@ -363,6 +363,10 @@ impl Inbound<'_> {
                     | PacketType::PingReq => chunk.relay.extend_from_slice(&frame),
                 }
             }
+            // Feed relays start once this chunk's SUBACK is queued for the
+            // device (a SUBSCRIBE that also holds rumqttd filters gets its
+            // SUBACK from rumqttd, possibly after the first feed PUBLISH,
+            // which MQTT 3.1.1 §3.8.4 permits).
             let taps = std::mem::take(&mut chunk.taps);
             self.hand_over(chunk, &mut broker, &to_device).await?;
             for (filter, topic, tap) in taps {
