@@ -546,6 +546,7 @@ impl DurableQueue {
             .insert(COUNTS_KEY, Counts::default().encode(state.last_seq))
             .and_then(|_| store.db.flush())
             .and_then(|_| store.log.sync_data().map_err(sled::Error::Io))
+            .and_then(|_| swap::mark_complete(&dir).map_err(sled::Error::Io))
             .map_err(|source| {
                 fail(QueueError::Open {
                     dir: dir.clone(),

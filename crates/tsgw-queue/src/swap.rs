@@ -10,7 +10,8 @@
 //!    and closed;
 //! 2. `<dir>` is renamed to `<dir>.old` and the parent directory fsynced;
 //! 3. a fresh store is created at `<dir>` (its files and directories fsynced
-//!    as at every open), carrying the highest seq handed out, and flushed;
+//!    as at every open), carrying the highest seq handed out, flushed, and
+//!    marked complete (a file, fsynced);
 //! 4. `<dir>.old` is deleted.
 //!
 //! Pushes wait on the queue's lock meanwhile, so no reading can land in the
@@ -40,6 +41,10 @@ fn old_path(dir: &Path) -> PathBuf {
     dir.with_file_name(name)
 }
 
+/// Written into the fresh store once it is whole (created, its seq floor
+/// flushed): until then an interrupted move is undone, after it finished.
+const COMPLETE_FILE: &str = "tsgw-fresh-store-complete";
+
 /// Finishes or undoes a move to a fresh store that a crash interrupted.
 /// Called before the store is opened.
 pub fn recover_interrupted_swap(dir: &Path) -> io::Result<()> {
@@ -47,18 +52,31 @@ pub fn recover_interrupted_swap(dir: &Path) -> io::Result<()> {
     if !old.exists() {
         return Ok(());
     }
-    if dir.exists() {
-        // The fresh store was (being) created: it is the store now, and the
-        // old one was empty.
+    if dir.join(COMPLETE_FILE).exists() {
+        // The fresh store was finished: it is the store now, and the old one
+        // was empty.
         std::fs::remove_dir_all(&old)?;
-    } else {
-        // Stopped right after the old store was moved aside: it is whole (and
-        // empty), so take it back; the next drain check tries again.
-        std::fs::rename(&old, dir)?;
-        sync_parent(dir)?;
-        info!(dir = %dir.display(), "took the drained queue store back after a restart");
+        return Ok(());
     }
+    // Stopped before the fresh store was whole (a SIGKILL while sled created
+    // it leaves a store without our format marker): it never held a reading
+    // (pushes wait for the move), and the old one is whole and empty, so take
+    // the old one back; the next drain check tries again.
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::rename(&old, dir)?;
+    sync_parent(dir)?;
+    info!(dir = %dir.display(), "undid an interrupted move to a fresh queue store");
     Ok(())
+}
+
+/// Records that the fresh store at `dir` is whole (step 3 above), durably.
+pub fn mark_complete(dir: &Path) -> io::Result<()> {
+    let path = dir.join(COMPLETE_FILE);
+    std::fs::write(&path, b"the move to this store finished\n")?;
+    File::open(&path)?.sync_all()?;
+    File::open(dir)?.sync_all()
 }
 
 /// Moves the (drained, closed) store at `dir` aside (step 2 above).
@@ -120,10 +138,19 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("db")).unwrap(), b"old");
         assert!(!old_path(&dir).exists());
 
-        // Stopped while (or after) the fresh one was created: it stays.
+        // Stopped while the fresh one was created: the old one comes back.
+        retire(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("db"), b"half").unwrap();
+        recover_interrupted_swap(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("db")).unwrap(), b"old");
+        assert!(!old_path(&dir).exists());
+
+        // Stopped after the fresh one was whole: it stays.
         retire(&dir).unwrap();
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("db"), b"fresh").unwrap();
+        mark_complete(&dir).unwrap();
         recover_interrupted_swap(&dir).unwrap();
         assert_eq!(std::fs::read(dir.join("db")).unwrap(), b"fresh");
         assert!(!old_path(&dir).exists());

@@ -294,7 +294,9 @@ fn killed_while_moving_to_a_fresh_store_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("queue");
     let mut max_seq = 0;
-    let kill_after_ms = [40, 310, 120, 560, 75, 230, 410, 160, 95, 270];
+    let kill_after_ms = [
+        40, 310, 120, 560, 75, 230, 410, 160, 95, 270, 55, 185, 345, 130, 65, 210,
+    ];
     for (round, ms) in kill_after_ms.iter().enumerate() {
         let round = round as u32;
         let reported = run_child(
