@@ -48,6 +48,8 @@ pub struct Gateway {
     writer: JoinHandle<()>,
     forwarder: JoinHandle<()>,
     flusher: JoinHandle<()>,
+    // Read by the demo only (it prints where to look).
+    #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     http_addr: SocketAddr,
     status: StatusService,
     /// Cancels the sources (first, so their last readings reach the queue).
@@ -250,10 +252,12 @@ impl Gateway {
         })
     }
 
+    #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.mqtt.addrs().plain
     }
 
+    #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }

@@ -1,6 +1,7 @@
 //! `tsgw`: the ThingSpeak edge gateway.
 
 mod config;
+#[cfg(feature = "demo")]
 mod demo;
 mod downlink;
 mod gateway;
@@ -96,6 +97,7 @@ enum Command {
         json: bool,
     },
     /// Run a self-contained demo: a local ThingSpeak emulator, a gateway and simulated devices.
+    #[cfg(feature = "demo")]
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
@@ -141,6 +143,7 @@ fn main() -> ExitCode {
                 json,
             }))
         }),
+        #[cfg(feature = "demo")]
         Command::Demo { seconds } => runtime().and_then(|rt| rt.block_on(demo::run(seconds))),
     };
     match result {
