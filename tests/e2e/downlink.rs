@@ -677,7 +677,7 @@ async fn a_channel_without_credentials_is_refused() {
     let config = config(&emulator, dir.path(), 1.0, &extra);
     let path = config.write(dir.path()).unwrap();
     // No top-level credentials: only channel 1001 has any.
-    let gateway = Gateway::start_with_env(&path, &[("TSGW_UPSTREAM__CLIENT_ID", "")]);
+    let mut gateway = Gateway::start_with_env(&path, &[("TSGW_UPSTREAM__CLIENT_ID", "")]);
     let codes = suback(
         gateway.mqtt,
         "sketch",
@@ -699,9 +699,8 @@ async fn a_channel_without_credentials_is_refused() {
         denied.contains("reason=\"feed_no_credentials\"") && denied.ends_with(" 1"),
         "{denied}"
     );
-    assert!(gateway
-        .find_log("ThingSpeak feed subscription refused: channel 1002: no upstream credentials cover it (list it in an [[upstream.connections]] entry, or set the top-level credentials)")
-        .is_some(), "{}", gateway.log_tail());
+    // Logged by the gateway a moment after the SUBACK: wait (bounded) for it.
+    gateway.wait_for_log("ThingSpeak feed subscription refused: channel 1002: no upstream credentials cover it (list it in an [[upstream.connections]] entry, or set the top-level credentials)");
     feed_subscribed(&gateway, 1001).await;
     gateway.stop();
 }
