@@ -4,11 +4,11 @@
 //! queue each time, under QoS 1 load of `field1=1` summed per window.
 //!
 //! Exact accounting: every PUBACK means "on disk" (the queue acks only after
-//! fsync), so the upstream sum of field1 is at least the acked count (none
-//! lost) and at most the acked count plus the publishes a kill cut off before
-//! their PUBACK (those may or may not have been stored): anything above is a
-//! reading stored twice. The device publishes in lockstep (the next publish
-//! after the previous PUBACK), so a kill cuts off at most one publish.
+//! fsync). Before each kill the device stops and its last publish is acked,
+//! so nothing is in flight: the upstream sums must equal what was acked,
+//! exactly. Each publish carries `field1=1` (count) and `field2=<seq>`, a
+//! number unique to that publish, both summed per window: a lost window and a
+//! duplicated one cannot cancel out in both sums.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,20 +34,31 @@ const PACE: Duration = Duration::from_millis(20);
 #[derive(Default)]
 struct Tally {
     acked: AtomicU64,
+    /// Sum of the acked publishes' `field2` (their seqs).
+    acked_seq_sum: AtomicU64,
     /// Publishes whose PUBACK never came (their connection died first).
     cut_off: AtomicU64,
+    /// The last seq handed out; each publish takes the next.
+    seq: AtomicU64,
 }
 
-/// Publishes `field1=1` to the gateway at `broker` one at a time until
-/// `stop` or the connection dies; counts PUBACKs and cut-off publishes.
+/// Publishes `field1=1&field2=<seq>` to the gateway at `broker` one at a
+/// time until `stop` or the connection dies; counts PUBACKs (and sums their
+/// seqs) and cut-off publishes.
 async fn lockstep_device(broker: SocketAddr, id: String, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     let topic = format!("channels/{CH}/publish");
     while !stop.load(Ordering::SeqCst) {
+        let seq = tally.seq.fetch_add(1, Ordering::SeqCst) + 1;
         if client
-            .publish(&topic, QoS::AtLeastOnce, false, "field1=1")
+            .publish(
+                &topic,
+                QoS::AtLeastOnce,
+                false,
+                format!("field1=1&field2={seq}"),
+            )
             .await
             .is_err()
         {
@@ -65,6 +76,7 @@ async fn lockstep_device(broker: SocketAddr, id: String, tally: Arc<Tally>, stop
         .await;
         if acked == Ok(true) {
             tally.acked.fetch_add(1, Ordering::SeqCst);
+            tally.acked_seq_sum.fetch_add(seq, Ordering::SeqCst);
         } else {
             tally.cut_off.fetch_add(1, Ordering::SeqCst);
             return;
@@ -73,15 +85,36 @@ async fn lockstep_device(broker: SocketAddr, id: String, tally: Arc<Tally>, stop
     }
 }
 
-fn upstream_sum(emulator: &thingspeak_emulator::EmulatorHandle) -> u64 {
+/// The sum over the channel's stored entries of field `n` (a window's sum).
+fn upstream_sum(emulator: &thingspeak_emulator::EmulatorHandle, n: u8) -> u64 {
     entries(emulator, CH)
         .iter()
         .map(|e| {
-            let v = e.field(1).expect("every entry has field1");
+            let v = e
+                .field(n)
+                .unwrap_or_else(|| panic!("every entry has field{n}"));
             v.parse::<f64>()
-                .unwrap_or_else(|_| panic!("field1 {v:?} is a sum")) as u64
+                .unwrap_or_else(|_| panic!("field{n} {v:?} is a sum")) as u64
         })
         .sum()
+}
+
+/// Adds one run's `tsgw_updates_in_doubt_total` samples (Prometheus text) to
+/// `totals`, by resolution.
+fn add_resolutions(family: &str, totals: &mut std::collections::BTreeMap<String, f64>) {
+    for line in family.lines().filter(|l| !l.starts_with('#')) {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some(resolution) = labels
+            .split("resolution=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        *totals.entry(resolution.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
 }
 
 /// The test channels and device, with bulk calls allowed every second.
@@ -106,7 +139,7 @@ async fn kill_loop(read_key: bool) {
     let extra = format!(
         r#"
 [upstream.channels."{CH}"]
-aggregate = {{ field1 = "sum" }}
+aggregate = {{ field1 = "sum", field2 = "sum" }}
 write_key = "WRITEKEY{CH:08}"
 {key}
 "#
@@ -122,6 +155,7 @@ write_key = "WRITEKEY{CH:08}"
     let config = write_config(dir.path(), &gateway_config.to_toml());
     let tally = Arc::new(Tally::default());
     let mut stored = emulator.stored();
+    let mut resolutions = std::collections::BTreeMap::new();
 
     for kill in 0..KILLS {
         let gateway = Gateway::start(&config);
@@ -132,10 +166,22 @@ write_key = "WRITEKEY{CH:08}"
             tally.clone(),
             stop.clone(),
         ));
-        // Load for a while, then kill right after the next stored update:
-        // the gateway has most likely not seen its echo yet.
+        // Load for a while; stop the device (its last publish is acked: nothing
+        // in flight), then kill right after the next stored update: the
+        // gateway has most likely not seen its echo yet.
         tokio::time::sleep(Duration::from_millis(700 + 97 * u64::from(kill % 7))).await;
         while stored.try_recv().is_ok() {}
+        stop.store(true, Ordering::SeqCst);
+        tokio::time::timeout(WAIT, device)
+            .await
+            .expect("device ends")
+            .unwrap();
+        // What this run settled of the doubts the previous kill left (read
+        // now, so that the kill follows the store as closely as it can).
+        add_resolutions(
+            &gateway.metric_family("tsgw_updates_in_doubt_total").await,
+            &mut resolutions,
+        );
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -149,11 +195,6 @@ write_key = "WRITEKEY{CH:08}"
             }
         }
         gateway.kill();
-        stop.store(true, Ordering::SeqCst);
-        tokio::time::timeout(WAIT, device)
-            .await
-            .expect("device ends")
-            .unwrap();
     }
 
     // The last run: load for a few seconds, then the queue must drain within
@@ -189,23 +230,42 @@ write_key = "WRITEKEY{CH:08}"
     let drained = stopped.elapsed();
 
     let acked = tally.acked.load(Ordering::SeqCst);
+    let acked_seq_sum = tally.acked_seq_sum.load(Ordering::SeqCst);
     let cut_off = tally.cut_off.load(Ordering::SeqCst);
-    let upstream = upstream_sum(&emulator);
+    let upstream = upstream_sum(&emulator, 1);
+    let upstream_seq_sum = upstream_sum(&emulator, 2);
     let counters = emulator.counters();
-    let in_doubt = gateway.metric_family("tsgw_updates_in_doubt_total").await;
+    add_resolutions(
+        &gateway.metric_family("tsgw_updates_in_doubt_total").await,
+        &mut resolutions,
+    );
     eprintln!(
-        "in doubt (read key: {read_key}): {KILLS} kills, {acked} acked, {cut_off} cut off, \
-         upstream sum {upstream}, drained {drained:?} after the load; emulator {counters:?}; \
-         last run: {in_doubt}"
+        "in doubt (read key: {read_key}): {KILLS} kills, {acked} acked (seq sum {acked_seq_sum}), \
+         {cut_off} cut off, upstream sum {upstream} (seq sum {upstream_seq_sum}), drained \
+         {drained:?} after the load; emulator {counters:?}; doubts settled: {resolutions:?}"
     );
     assert!(acked > 1000, "load too light: {acked} acked");
-    assert!(
-        upstream >= acked,
-        "acked readings lost: upstream sum {upstream} < {acked} acked"
+    assert_eq!(cut_off, 0, "a publish was in flight at a kill");
+    assert_eq!(
+        upstream, acked,
+        "upstream count {upstream} != {acked} acked (less: lost; more: stored twice)"
     );
+    assert_eq!(
+        upstream_seq_sum, acked_seq_sum,
+        "upstream seq sum != acked seq sum (a lost and a duplicated reading cancelled in the count)"
+    );
+    let settled: f64 = ["echo", "read_api", "duplicate"]
+        .iter()
+        .filter_map(|r| resolutions.get(*r))
+        .sum();
     assert!(
-        upstream <= acked + cut_off,
-        "readings stored twice: upstream sum {upstream} > {acked} acked + {cut_off} cut off"
+        settled >= 1.0,
+        "no kill left an update in doubt that evidence settled: {resolutions:?}"
+    );
+    assert_eq!(
+        resolutions.get("stored_differs").copied().unwrap_or(0.0),
+        0.0,
+        "windows are never merged under bulk backfill: {resolutions:?}"
     );
     assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
     if read_key {
