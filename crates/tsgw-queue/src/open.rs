@@ -24,7 +24,7 @@ use crate::codec::{channel_prefix, claimed_len, decode_key, encode_key, is_meta_
 use crate::config::QueueConfig;
 use crate::durable_dir;
 use crate::error::QueueError;
-use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
+use crate::intent::{self, Intent, INTENT_KEY, REMOVE_CHUNK};
 use crate::occupancy::{Counts, COUNTS_KEY};
 use crate::progress::{log_progress, report_while_open, OpenPhase, OpenProgress, LOG_EVERY};
 
@@ -213,9 +213,22 @@ fn try_open(
     let readings = db
         .open_tree(READINGS_TREE)
         .map_err(|e| broken_unless_environment("opening the readings tree", e))?;
+    // A removal cut short is finished before counting: its counts record is
+    // in its intent, and the readings it already removed are not lost.
+    let interrupted = stored_intent(&readings)?;
+    let chunked = match interrupted {
+        Some(Intent::Whole { counts_after, keys }) => {
+            finish_whole_removal(&readings, &counts_after, &keys, progress)?;
+            None
+        }
+        Some(Intent::Chunked(keys)) => Some(keys),
+        None => None,
+    };
     progress.enter(OpenPhase::Counting);
     let (mut counts, max_seq) = load_counts(&readings, metrics, progress)?;
-    finish_interrupted_removal(&readings, &mut counts, max_seq, progress)?;
+    if let Some(keys) = chunked {
+        finish_chunked_removal(&readings, &keys, &mut counts, max_seq, progress)?;
+    }
     Ok(Opened {
         db,
         readings,
@@ -407,31 +420,68 @@ fn present_channels(tree: &sled::Tree) -> Result<Option<(Vec<ChannelId>, u64)>, 
     Ok(Some((channels, max_seq)))
 }
 
-/// A large removal that a crash interrupted (see `intent`): finish it, so the
-/// readings of the delivered entry leave together.
-fn finish_interrupted_removal(
+/// The intent record of a removal that a crash interrupted, if any. A damaged
+/// one is deleted: the readings it named stay queued and go out again, and
+/// ThingSpeak refuses the repeated created_at, so nothing is stored twice.
+fn stored_intent(tree: &sled::Tree) -> Result<Option<Intent>, Failure> {
+    let failed = |e| broken_unless_environment("reading a removal intent", e);
+    let Some(record) = tree.get(INTENT_KEY).map_err(failed)? else {
+        return Ok(None);
+    };
+    match intent::decode(&record) {
+        Ok(intent) => Ok(Some(intent)),
+        Err(reason) => {
+            warn!(%reason, "ignoring a damaged removal intent record");
+            tree.remove(INTENT_KEY).map_err(failed)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Finishes a removal of single operations (see `intent`): the records it did
+/// not reach yet are removed, and its counts record is stored, so counting
+/// afterwards finds the store as the removal left it.
+fn finish_whole_removal(
     tree: &sled::Tree,
+    counts_after: &[u8],
+    keys: &[QueueKey],
+    progress: &OpenProgress,
+) -> Result<(), Failure> {
+    let failed = |e| broken_unless_environment("finishing an interrupted removal", e);
+    progress.enter(OpenPhase::FinishingRemoval);
+    // What these records count is in `counts_after` already.
+    let removal = intent::removal(tree, keys, &mut Counts::default()).map_err(failed)?;
+    let removed = removal.readings();
+    let mut batch = removal.into_batch();
+    batch.insert(COUNTS_KEY, counts_after);
+    batch.remove(INTENT_KEY);
+    tree.apply_batch(batch).map_err(failed)?;
+    progress.add(keys.len() as u64);
+    info!(
+        removed,
+        "finished removing delivered readings whose removal a stop interrupted"
+    );
+    Ok(())
+}
+
+/// A chunked removal of an older build that a crash interrupted: finish it
+/// after counting, chunk by chunk with the counts record, as it was begun.
+fn finish_chunked_removal(
+    tree: &sled::Tree,
+    keys: &[QueueKey],
     counts: &mut Counts,
     max_seq: u64,
     progress: &OpenProgress,
 ) -> Result<(), Failure> {
     let failed = |e| broken_unless_environment("finishing an interrupted removal", e);
-    let Some(record) = tree.get(INTENT_KEY).map_err(failed)? else {
-        return Ok(());
-    };
-    let keys = intent::decode(&record).unwrap_or_else(|reason| {
-        // The readings stay queued and go out again; ThingSpeak refuses the
-        // repeated created_at, so nothing is stored twice.
-        warn!(%reason, "ignoring a damaged removal intent record");
-        Vec::new()
-    });
     let mut removed = 0;
     progress.enter(OpenPhase::FinishingRemoval);
     for chunk in keys.chunks(REMOVE_CHUNK) {
-        let mut removal = intent::removal_batch(tree, chunk, counts).map_err(failed)?;
+        let removal = intent::removal(tree, chunk, counts).map_err(failed)?;
         removed += removal.readings();
-        removal.batch.insert(COUNTS_KEY, counts.encode(max_seq));
-        tree.apply_batch(removal.batch).map_err(failed)?;
+        let mut batch = removal.into_batch();
+        batch.insert(COUNTS_KEY, counts.encode(max_seq));
+        tree.apply_batch(batch).map_err(failed)?;
         progress.add(chunk.len() as u64);
     }
     tree.remove(INTENT_KEY).map_err(failed)?;

@@ -31,7 +31,7 @@ use crate::codec::{
 use crate::config::QueueConfig;
 use crate::droplog::DropLog;
 use crate::error::QueueError;
-use crate::intent::{self, INTENT_KEY, REMOVE_CHUNK};
+use crate::intent::{self, INTENT_KEY};
 use crate::occupancy::{Counts, COUNTS_KEY};
 use crate::open::open_or_quarantine;
 use crate::progress::OpenProgress;
@@ -770,50 +770,34 @@ impl DurableQueue {
         Ok(out)
     }
 
+    /// Removes `keys` (those still stored) all or nothing across a crash, with
+    /// single operations behind an intent record rather than a sled batch, so
+    /// that the removal waits for the next flush instead of costing its own
+    /// log writes (see `intent`).
     fn remove_inner(&self, keys: &[QueueKey]) -> Result<(), QueueError> {
         if keys.is_empty() {
             return Ok(());
         }
         let mut state = self.lock();
         let store = self.store()?;
-        if keys.len() <= REMOVE_CHUNK {
-            // One batch (one delivered entry): a crash never leaves half an
-            // entry to be sent again.
-            return self.remove_batch(&store, &mut state, keys);
-        }
-        // Too many for one cheap batch: the intent record keeps the removal
-        // all-or-nothing across a crash (see `intent`).
-        store
-            .readings
-            .insert(INTENT_KEY, intent::encode(keys))
-            .map_err(self.failure("remove"))?;
-        for chunk in keys.chunks(REMOVE_CHUNK) {
-            self.remove_batch(&store, &mut state, chunk)?;
-        }
-        store
-            .readings
-            .remove(INTENT_KEY)
-            .map_err(self.failure("remove"))?;
-        Ok(())
-    }
-
-    /// Removes `keys` (those still stored) in one batch with the counts record.
-    fn remove_batch(
-        &self,
-        store: &Store,
-        state: &mut State,
-        keys: &[QueueKey],
-    ) -> Result<(), QueueError> {
+        let tree = &store.readings;
         let mut counts = state.counts.clone();
-        let removal = intent::removal_batch(&store.readings, keys, &mut counts)
-            .map_err(self.failure("remove"))?;
+        let removal = intent::removal(tree, keys, &mut counts).map_err(self.failure("remove"))?;
         if removal.records.is_empty() {
             return Ok(());
         }
-        self.apply_with_counts(store, removal.batch, &counts, state.last_seq, "remove")?;
+        let counts_record = counts.encode(state.last_seq);
+        let records = removal.records.clone();
+        tree.insert(INTENT_KEY, intent::encode(keys, &counts_record))
+            .map_err(self.failure("remove"))?;
+        removal.apply_singly(tree).map_err(self.failure("remove"))?;
+        tree.insert(COUNTS_KEY, counts_record)
+            .map_err(self.failure("remove"))?;
+        tree.remove(INTENT_KEY).map_err(self.failure("remove"))?;
+        self.inner.dirty.store(true, Ordering::Release);
         state.counts = counts;
         state.recorded = true;
-        for (key, readings) in removal.records {
+        for (key, readings) in records {
             state.unflushed.gone(key, readings);
         }
         self.update_count_gauges(&state.counts);
@@ -910,6 +894,7 @@ impl ReadingStore for DurableQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intent::REMOVE_CHUNK;
     use tsgw_core::{Field, Origin, SourceKind, Target, Value};
 
     fn ch(n: u64) -> ChannelId {
@@ -1324,6 +1309,13 @@ mod tests {
         assert_eq!(lost.get(), 0);
     }
 
+    fn dropped(metrics: &Metrics, reason: &str) -> f64 {
+        metrics
+            .queue_dropped_total
+            .with_label_values(&[reason])
+            .get() as f64
+    }
+
     /// Per-channel readings and bytes by reading every entry, to check the record.
     fn counted_by_scan(q: &DurableQueue) -> Counts {
         let mut counts = Counts::default();
@@ -1424,7 +1416,7 @@ mod tests {
     }
 
     #[test]
-    fn a_large_removal_goes_in_chunks_and_leaves_no_intent() {
+    fn a_large_removal_leaves_no_intent() {
         let tmp = tempfile::tempdir().unwrap();
         let (q, _) = open(tmp.path(), 1 << 24);
         let batch: Vec<Reading> = (0..2 * REMOVE_CHUNK + 10)
@@ -1447,8 +1439,11 @@ mod tests {
         assert!(q.peek(ch(1), 1).unwrap().is_empty());
     }
 
+    /// The store as an older build left it when a crash interrupted a
+    /// chunked removal: a version 1 intent, and the first chunk (here two
+    /// keys) removed in a batch with its counts record.
     #[test]
-    fn a_removal_interrupted_by_a_crash_is_finished_at_open() {
+    fn an_older_builds_interrupted_removal_is_finished_at_open() {
         let tmp = tempfile::tempdir().unwrap();
         let doomed: Vec<QueueKey>;
         {
@@ -1456,16 +1451,20 @@ mod tests {
             let batch: Vec<Reading> = (0..30).map(|n| reading(1 + n % 3, n as f64)).collect();
             q.push(&batch).unwrap();
             doomed = q.peek(ch(2), 6).unwrap().iter().map(|r| r.key).collect();
-            // As left by a crash after the intent and one chunk of three:
-            // the intent is stored, and only the first two keys are gone.
             let store = q.store().unwrap();
             store
                 .readings
-                .insert(INTENT_KEY, intent::encode(&doomed))
+                .insert(INTENT_KEY, intent::encode_chunked(&doomed))
                 .unwrap();
-            q.remove_batch(&store, &mut q.lock(), &doomed[..2]).unwrap();
+            let mut state = q.lock();
+            let mut counts = state.counts.clone();
+            let removal = intent::removal(&store.readings, &doomed[..2], &mut counts).unwrap();
+            let mut batch = removal.into_batch();
+            batch.insert(COUNTS_KEY, counts.encode(state.last_seq));
+            store.readings.apply_batch(batch).unwrap();
+            state.counts = counts;
         }
-        let (q, _) = open(tmp.path(), 1 << 24);
+        let (q, metrics) = open(tmp.path(), 1 << 24);
         assert_eq!(q.len(), 24);
         assert_eq!(q.lock().counts, counted_by_scan(&q));
         let left: Vec<QueueKey> = q
@@ -1477,5 +1476,61 @@ mod tests {
         assert_eq!(left.len(), 4);
         assert!(left.iter().all(|k| !doomed.contains(k)));
         assert_eq!(q.store().unwrap().readings.get(INTENT_KEY).unwrap(), None);
+        assert_eq!(dropped(&metrics, "lost_in_storage"), 0.0);
+    }
+
+    /// Every prefix of a removal's operations (intent, record operations,
+    /// counts record, intent deleted), as sled recovers after a crash: the
+    /// store opens with all of the removal or none of it, exact counts, and
+    /// nothing counted as lost in storage.
+    #[test]
+    fn a_removal_cut_after_any_of_its_operations_opens_whole() {
+        for cut in 0..=4 {
+            let tmp = tempfile::tempdir().unwrap();
+            let doomed: Vec<QueueKey>;
+            {
+                let (q, _) = open(tmp.path(), 1 << 24);
+                // Three pushes of channel 2, so the removal touches three
+                // records (one rewritten: it keeps a reading).
+                for push in 0..3 {
+                    let batch: Vec<Reading> =
+                        (0..3).map(|n| reading(2, (push * 3 + n) as f64)).collect();
+                    q.push(&batch).unwrap();
+                }
+                q.push(&[reading(1, 99.0)]).unwrap();
+                doomed = q.peek(ch(2), 8).unwrap().iter().map(|r| r.key).collect();
+                let store = q.store().unwrap();
+                let tree = &store.readings;
+                let state = q.lock();
+                let mut counts = state.counts.clone();
+                let removal = intent::removal(tree, &doomed, &mut counts).unwrap();
+                let record = counts.encode(state.last_seq);
+                if cut >= 1 {
+                    tree.insert(INTENT_KEY, intent::encode(&doomed, &record))
+                        .unwrap();
+                }
+                if cut == 2 {
+                    // Only the first record operation made it.
+                    let first = intent::removal(tree, &doomed[..3], &mut counts.clone()).unwrap();
+                    first.apply_singly(tree).unwrap();
+                } else if cut >= 3 {
+                    removal.apply_singly(tree).unwrap();
+                }
+                if cut >= 4 {
+                    tree.insert(COUNTS_KEY, record).unwrap();
+                }
+                drop(state);
+            }
+            let (q, metrics) = open(tmp.path(), 1 << 24);
+            let expected_left = if cut == 0 { 9 } else { 1 };
+            assert_eq!(q.len_of(ch(2)).unwrap(), expected_left, "cut {cut}");
+            assert_eq!(q.len(), expected_left + 1, "cut {cut}");
+            assert_eq!(q.lock().counts, counted_by_scan(&q), "cut {cut}");
+            assert_eq!(dropped(&metrics, "lost_in_storage"), 0.0, "cut {cut}");
+            assert_eq!(q.store().unwrap().readings.get(INTENT_KEY).unwrap(), None);
+            if cut > 0 {
+                assert_eq!(values(&q, 2), vec![8.0], "cut {cut}");
+            }
+        }
     }
 }
