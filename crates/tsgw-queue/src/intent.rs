@@ -103,7 +103,7 @@ pub fn decode(record: &[u8]) -> Result<Intent, String> {
 }
 
 fn decode_keys(keys: &[u8]) -> Result<Vec<QueueKey>, String> {
-    if keys.len() % KEY_LEN != 0 {
+    if !keys.len().is_multiple_of(KEY_LEN) {
         return Err(format!(
             "intent record's keys ({} bytes) are not whole keys",
             keys.len()
