@@ -715,3 +715,113 @@ async fn closes_that_do_not_follow_a_publish_park_nothing() {
         0
     );
 }
+
+/// Connects as `generation`, subscribes and publishes the channel's window.
+fn written_window(f: &mut Forwarder, generation: u64) -> DateTime<Utc> {
+    f.send_due(later(2)).unwrap();
+    grant(f, generation);
+    f.send_due(later(2)).unwrap();
+    assert_eq!(stage(f), Some(Stage::Writing));
+    f.on_event(event(generation, ConnEventKind::Written));
+    f.pending[&ch()].batch.created_at().unwrap()
+}
+
+#[tokio::test]
+async fn an_update_written_before_a_connection_loss_is_a_doubt_never_restamped() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    let first = written_window(&mut f, 0);
+    // The connection drops before the echo: ThingSpeak may have stored it.
+    f.on_event(event(0, closed()));
+    assert_eq!(stage(&f), Some(Stage::InDoubt));
+    assert!(
+        f.pending[&ch()].maybe_stored,
+        "written on a connection now lost: maybe stored"
+    );
+    push_at(&store, ch(), 2, 5, 6.0);
+    let _loop1 = connect_as(&mut f, 1);
+    f.send_due(later(2)).unwrap();
+    grant(&mut f, 1);
+    assert!(matches!(stage(&f), Some(Stage::Probe { .. })));
+    // The check's newest entry is older (its echo lost, or not stored).
+    entry_at(&mut f, 1, Utc::now() - chrono::TimeDelta::seconds(100), "1");
+    f.send_due(later(4)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "resent");
+    assert_eq!(f.pending[&ch()].batch.created_at(), Some(first));
+    f.on_event(event(1, ConnEventKind::Written));
+    // ThingSpeak had it and rejects the resend silently: no echo. It waits
+    // aside; the channel goes on at once with its next window.
+    f.send_due(later(6)).unwrap();
+    f.send_due(later(6)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "next window not held back");
+    let next = &f.pending[&ch()].batch;
+    assert!(next.created_at().unwrap() > first);
+    assert_eq!(
+        next.covered.len(),
+        1,
+        "the doubt's reading joins no other window"
+    );
+    assert_eq!(store.len(), 2);
+    f.on_event(event(1, ConnEventKind::Written));
+    echo(&mut f, 1, "6");
+    assert_eq!(store.len(), 0, "the later echo settles the doubt");
+    assert_eq!(doubts(&metrics, "duplicate"), 1);
+}
+
+#[tokio::test]
+async fn an_update_no_check_ever_finds_is_kept_in_doubt_never_restamped() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    push_at(&store, ch(), 2, 5, 6.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    let first = written_window(&mut f, 0);
+    let mut loops = Vec::new();
+    for k in 0..confirm::MAX_PROBES {
+        // The same connection with room for more requests (the test's
+        // event loop is never polled).
+        loops.push(connect_as(&mut f, 0));
+        f.send_due(later(3)).unwrap();
+        assert!(matches!(stage(&f), Some(Stage::Probe { .. })), "check {k}");
+        let pkid = u16::try_from(k + 2).unwrap();
+        f.on_event(event(0, ConnEventKind::SubscribeSent(pkid)));
+        f.on_event(event(
+            0,
+            ConnEventKind::SubAck {
+                pkid,
+                granted: true,
+            },
+        ));
+        // The check brings nothing: resent with the same created_at.
+        f.send_due(later(5)).unwrap();
+        if k + 1 < confirm::MAX_PROBES {
+            assert_eq!(stage(&f), Some(Stage::Writing), "check {k}");
+            assert_eq!(f.pending[&ch()].batch.created_at(), Some(first));
+            f.on_event(event(0, ConnEventKind::Written));
+        }
+    }
+    // After the last check the window waits aside; its readings do not
+    // join the next window under a new created_at.
+    loops.push(connect_as(&mut f, 0));
+    f.send_due(later(5)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "the channel goes on");
+    let next = &f.pending[&ch()].batch;
+    assert!(next.created_at().unwrap() > first);
+    assert!(
+        !next.covered.contains(&QueueKey {
+            channel: ch(),
+            seq: 1
+        }),
+        "never restamped"
+    );
+    assert_eq!(f.evidence[&ch()].doubts.len(), 1);
+    assert_eq!(store.len(), 2);
+    f.on_event(event(0, ConnEventKind::Written));
+    echo(&mut f, 0, "6");
+    assert_eq!(store.len(), 0);
+    assert_eq!(doubts(&metrics, "duplicate"), 1);
+}
