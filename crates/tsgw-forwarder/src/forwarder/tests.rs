@@ -825,3 +825,76 @@ async fn an_update_no_check_ever_finds_is_kept_in_doubt_never_restamped() {
     assert_eq!(store.len(), 0);
     assert_eq!(doubts(&metrics, "duplicate"), 1);
 }
+
+#[tokio::test]
+async fn a_full_read_answer_covers_only_its_newest_entries_and_older_windows_are_read_again() {
+    let store = Arc::new(MemStore::default());
+    let old = Utc::now() - chrono::TimeDelta::seconds(10);
+    let newer = Utc::now() - chrono::TimeDelta::seconds(5);
+    push_measured(&store, ch(), 1, old, 5.0);
+    push_measured(&store, ch(), 2, newer, 6.0);
+    let metrics = Metrics::new();
+    let mut f = restarted(true, store.clone(), metrics.clone());
+    f.bulk = Some(crate::rest::BulkClient::new("127.0.0.1".into(), 9, None));
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    let first_window = DateTime::from_timestamp(old.timestamp(), 0).unwrap();
+    let second_window = DateTime::from_timestamp(newer.timestamp(), 0).unwrap();
+    let (start, end) = match f.evidence[&ch()].read {
+        super::doubt::ReadState::Asking { start, end, .. } => (start, end),
+        ref other => panic!("asking expected, got {other:?}"),
+    };
+    assert_eq!((start, end), (first_window, f.started_utc));
+    // A full answer: ThingSpeak returns the range's newest 8000 entries, the
+    // oldest of them the second window's (stored). The first window lies
+    // before them: unknown, not absent.
+    let full: Vec<_> = (0..thingspeak::read::MAX_RESULTS)
+        .map(|i| {
+            let at = second_window + chrono::TimeDelta::milliseconds(i as i64);
+            let mut e = thingspeak::FeedEntry::new(i as u64 + 1, at);
+            e.field1 = Some(if i == 0 { "6" } else { "1" }.into());
+            e
+        })
+        .collect();
+    f.on_read_done(super::doubt::ReadDone {
+        channel: ch(),
+        start,
+        end,
+        result: crate::rest::ReadResult::Entries(full),
+    });
+    f.send_due(later(2)).unwrap();
+    assert!(f.in_flight.is_none() && f.pending.is_empty(), "not sent");
+    assert_eq!(doubts(&metrics, "not_stored"), 0, "not judged absent");
+    let (start, end) = match f.evidence[&ch()].read {
+        super::doubt::ReadState::Asking { start, end, .. } => (start, end),
+        ref other => panic!("read again expected, got {other:?}"),
+    };
+    assert_eq!(
+        (start, end),
+        (first_window, second_window - chrono::TimeDelta::seconds(1)),
+        "only the range the full answer left out"
+    );
+    f.on_read_done(super::doubt::ReadDone {
+        channel: ch(),
+        start,
+        end,
+        result: crate::rest::ReadResult::Entries(Vec::new()),
+    });
+    f.send_due(later(2)).unwrap();
+    assert_eq!(doubts(&metrics, "not_stored"), 1);
+    let p = &f.pending[&ch()];
+    assert_eq!(p.batch.created_at(), Some(first_window));
+    assert!(!p.maybe_stored, "known absent: an ordinary send");
+    // The second window is settled by the first (full) answer.
+    f.pending.clear();
+    f.store
+        .remove(&[QueueKey {
+            channel: ch(),
+            seq: 1,
+        }])
+        .unwrap();
+    f.next_check.clear();
+    f.send_due(later(2)).unwrap();
+    assert_eq!(doubts(&metrics, "read_api"), 1);
+    assert_eq!(store.len(), 0);
+}
