@@ -299,6 +299,7 @@ impl Forwarder {
                     .push(Doubt {
                         batch: p.batch,
                         written: p.written,
+                        survive: None,
                     });
                 now
             }
@@ -346,6 +347,7 @@ impl Forwarder {
                         .push(Doubt {
                             batch: p.batch,
                             written: p.written,
+                            survive: None,
                         });
                     return now;
                 }

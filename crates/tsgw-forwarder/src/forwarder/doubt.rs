@@ -37,6 +37,7 @@ use crate::batch::{window_len, Batch};
 use crate::rest::ReadResult;
 
 use super::confirm::same_value;
+use super::poison::RIGHT_AFTER;
 use super::Forwarder;
 
 /// Entries remembered per channel from its subscription.
@@ -82,6 +83,12 @@ pub(super) struct Doubt {
     /// The connection generation and write number of its last write; `None`
     /// once that connection is gone (it is then sent again).
     pub(super) written: Option<(u64, u64)>,
+    /// Where "written" counts: when it was written. It counts as delivered
+    /// once its connection outlived [`RIGHT_AFTER`] after that, or wrote a
+    /// later publish; a close before either (ThingSpeak closes right after
+    /// a publish it refuses) leaves it queued, to be resent with the same
+    /// `created_at`.
+    pub(super) survive: Option<Instant>,
 }
 
 /// What the forwarder knows of one channel's stored entries.
@@ -476,8 +483,51 @@ impl Forwarder {
         for evidence in self.evidence.values_mut() {
             for d in &mut evidence.doubts {
                 d.written = None;
+                d.survive = None;
             }
         }
+    }
+
+    /// Where "written" counts: a write of the current connection that
+    /// outlived [`RIGHT_AFTER`] (by `now`), or every one of them when a later
+    /// publish was written (`later_write`), counts as delivered. Returns when
+    /// the next of `channel`'s writes will have survived, if any waits.
+    pub(super) fn settle_survivors(
+        &mut self,
+        channel: Option<ChannelId>,
+        later_write: bool,
+        now: Instant,
+    ) -> Option<Instant> {
+        let generation = self.current_generation()?;
+        let mut next = None;
+        let mut survived = Vec::new();
+        for (c, evidence) in &mut self.evidence {
+            if channel.is_some_and(|ch| ch != *c) {
+                continue;
+            }
+            let (done, kept): (Vec<Doubt>, Vec<Doubt>) = std::mem::take(&mut evidence.doubts)
+                .into_iter()
+                .partition(|d| match (d.survive, d.written) {
+                    (Some(at), Some((g, _))) if g == generation => {
+                        later_write || now >= at + RIGHT_AFTER
+                    }
+                    _ => false,
+                });
+            evidence.doubts = kept;
+            for d in &evidence.doubts {
+                if let (Some(at), Some((g, _))) = (d.survive, d.written) {
+                    if g == generation {
+                        let at = at + RIGHT_AFTER;
+                        next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                    }
+                }
+            }
+            survived.extend(done.into_iter().map(|d| (*c, d.batch)));
+        }
+        for (c, batch) in survived {
+            self.deliver_batch(c, &batch, false);
+        }
+        next
     }
 
     /// The oldest doubt to send again, if any (taken out of the list).

@@ -162,7 +162,10 @@ async fn in_doubt_update_keeps_readings_and_stale_writes_are_ignored() {
     f.send_due(later(2)).unwrap();
     assert_eq!(f.in_flight.as_ref().map(|i| i.generation), Some(1));
     f.on_event(event(1, ConnEventKind::Written));
-    assert_eq!(store.len(), 0, "removed once written");
+    assert_eq!(store.len(), 1, "kept while a close may still follow");
+    // The connection outlives the publish by RIGHT_AFTER: "written" counts.
+    f.send_due(later(5)).unwrap();
+    assert_eq!(store.len(), 0, "removed once written (and survived)");
     assert_eq!(
         metrics.updates_sent_total.with_label_values(&["42"]).get(),
         1
@@ -202,8 +205,9 @@ async fn channel_gauges_follow_the_channel() {
     f.send_due(later(2)).unwrap();
     f.on_event(event(0, ConnEventKind::Written));
     assert!(gauge!(channel_last_sent_timestamp_seconds) >= before);
-    assert!(gauge!(channel_last_confirmed_timestamp_seconds) >= before);
+    // "Written" counts once the connection outlived the publish.
     f.send_due(later(4)).unwrap();
+    assert!(gauge!(channel_last_confirmed_timestamp_seconds) >= before);
     assert_eq!(
         gauge!(channel_next_window_timestamp_seconds),
         0.0,
@@ -429,6 +433,8 @@ async fn a_refused_subscription_falls_back_to_written_counts() {
     ));
     f.send_due(later(2)).unwrap();
     f.on_event(event(0, ConnEventKind::Written));
+    assert_eq!(store.len(), 1, "kept while a close may still follow");
+    f.send_due(later(5)).unwrap();
     assert_eq!(store.len(), 0);
 }
 
@@ -685,6 +691,7 @@ async fn a_channel_whose_publish_closes_the_connection_is_parked_and_others_flow
         "the other channel goes while the bad one is parked"
     );
     f.on_event(event(3, ConnEventKind::Written));
+    f.send_due(later(12)).unwrap();
     assert_eq!(store.len(), 1, "the parked channel's reading stays queued");
 }
 
@@ -897,4 +904,74 @@ async fn a_full_read_answer_covers_only_its_newest_entries_and_older_windows_are
     f.send_due(later(2)).unwrap();
     assert_eq!(doubts(&metrics, "read_api"), 1);
     assert_eq!(store.len(), 0);
+}
+
+#[tokio::test]
+async fn where_written_counts_a_close_right_after_the_publish_keeps_the_readings() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    // The device may not subscribe (nor, it turns out, write): written counts.
+    f.on_event(event(0, ConnEventKind::SubscribeSent(1)));
+    f.on_event(event(
+        0,
+        ConnEventKind::SubAck {
+            pkid: 1,
+            granted: false,
+        },
+    ));
+    f.send_due(later(2)).unwrap();
+    let first = f.pending[&ch()].batch.created_at();
+    f.on_event(event(0, ConnEventKind::Written));
+    // ThingSpeak closes the connection right after the publish.
+    f.on_event(event(
+        0,
+        ConnEventKind::Closed(Closed {
+            reason: "closed_by_peer",
+            refused: None,
+            message: "connection closed by peer".into(),
+        }),
+    ));
+    assert_eq!(store.len(), 1, "neither kept nor counted would lose it");
+    // Resent on the next connection with the same created_at.
+    let _loop1 = connect_as(&mut f, 1);
+    f.send_due(later(4)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing));
+    assert_eq!(f.pending[&ch()].batch.created_at(), first);
+    f.on_event(event(1, ConnEventKind::Written));
+    assert_eq!(store.len(), 1);
+    // This time the connection outlives it: "written" counts.
+    f.send_due(later(4) + poison::RIGHT_AFTER).unwrap();
+    assert_eq!(store.len(), 0);
+    assert_eq!(
+        metrics.updates_sent_total.with_label_values(&["42"]).get(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn where_written_counts_a_later_publish_written_counts_the_earlier_one() {
+    let store = Arc::new(MemStore::default());
+    let other = ChannelId::new(43).unwrap();
+    push_at(&store, ch(), 1, 10, 1.0);
+    push_at(&store, other, 2, 10, 2.0);
+    let mut f = forwarder(false, store.clone(), Metrics::new());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    let first = f.in_flight.as_ref().map(|i| i.channel).unwrap();
+    f.on_event(event(0, ConnEventKind::Written));
+    assert_eq!(store.len(), 2, "kept while a close may still follow");
+    f.send_due(later(2)).unwrap();
+    let second = f.in_flight.as_ref().map(|i| i.channel).unwrap();
+    assert_ne!(first, second);
+    f.on_event(event(0, ConnEventKind::Written));
+    assert_eq!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), first).unwrap(),
+        0,
+        "the connection took a later publish: the first counts"
+    );
+    assert_eq!(store.len(), 1);
 }
