@@ -975,3 +975,64 @@ async fn where_written_counts_a_later_publish_written_counts_the_earlier_one() {
     );
     assert_eq!(store.len(), 1);
 }
+
+#[tokio::test]
+async fn a_parked_channel_leaves_the_others_every_slot() {
+    let store = Arc::new(MemStore::default());
+    let bad = ch();
+    let good = ChannelId::new(43).unwrap();
+    push_at(&store, bad, 1, 30, 1.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(false, store.clone(), metrics.clone());
+    let peer_close = || {
+        ConnEventKind::Closed(Closed {
+            reason: "closed_by_peer",
+            refused: None,
+            message: "connection closed by peer".into(),
+        })
+    };
+    for round in 0..3u64 {
+        let _loop = connect_as(&mut f, round);
+        f.send_due(later(2 + 2 * round)).unwrap();
+        assert_eq!(f.in_flight.as_ref().map(|i| i.channel), Some(bad));
+        f.on_event(event(round, peer_close()));
+    }
+    assert_eq!(metrics.channel_parked.with_label_values(&["42"]).get(), 1);
+    // The good channel has one reading in each of 5 closed 1 s windows.
+    let windows = 5;
+    for i in 0..windows {
+        push_at(&store, good, 10 + i, 20 - i as i64, i as f64);
+    }
+    let _loop = connect_as(&mut f, 3);
+    let mut sent = Vec::new();
+    let mut at = f.schedule.due_at(good);
+    for k in 0..windows {
+        if k > 0 {
+            // Nothing goes before the channel's slot...
+            f.next_check.clear();
+            f.send_due(at - Duration::from_millis(1)).unwrap();
+            assert!(f.in_flight.is_none(), "before the slot");
+        }
+        // ...and the good channel's next window goes right at it: every
+        // slot taken, the parked channel skipped.
+        f.next_check.clear();
+        f.send_due(at).unwrap();
+        assert_eq!(f.in_flight.as_ref().map(|i| i.channel), Some(good));
+        sent.push(f.pending[&good].batch.created_at().unwrap());
+        f.on_event(event(3, ConnEventKind::Written));
+        at = f.schedule.due_at(good);
+    }
+    assert!(sent.windows(2).all(|w| w[0] < w[1]), "in order: {sent:?}");
+    assert_eq!(sent.len(), windows as usize, "one update per window");
+    f.send_due(at + poison::RIGHT_AFTER).unwrap();
+    assert_eq!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), good).unwrap(),
+        0,
+        "every reading of the good channel delivered"
+    );
+    assert_eq!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), bad).unwrap(),
+        1,
+        "the parked channel's reading stays queued"
+    );
+}
