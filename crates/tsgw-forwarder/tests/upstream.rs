@@ -2,7 +2,7 @@
 //! delivery, the rate limit measured at the receiver, readings kept while the
 //! connection is down, and slow retries after a refused CONNECT.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1055,28 +1055,43 @@ async fn a_channel_the_device_may_not_write_is_parked_and_the_others_keep_flowin
     assert_eq!(closes, 3, "parked after three closes in a row");
     // From the park on, the good channel gets every window at full rate and
     // the connection stays up; the bad channel's readings stay queued.
-    let since = Utc::now();
+    let mut windows = BTreeSet::new();
     for _ in 0..50 {
         tick.tick().await;
-        push(&store, good, field(1), Value::Number(f64::from(i)));
+        let at = Utc::now();
+        windows.insert(window_of(at, 1000));
+        push_at(&store, good, field(1), Value::Number(f64::from(i)), at);
         push(&store, bad, field(1), Value::Number(f64::from(i)));
         i += 1;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let first = *windows.first().unwrap();
+    let good_after = || {
+        emu.entries(good)
+            .iter()
+            .filter(|e| e.created_at() >= first)
+            .count()
+    };
+    // Full rate: one update per window, slots 100 ms longer than windows, so
+    // at most the last window is still to go this long after the last push
+    // (its close, plus a second of slack for a loaded machine).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let in_period = good_after();
+    assert!(
+        in_period + 1 >= windows.len(),
+        "{in_period} updates of the good channel for its {} windows since the park",
+        windows.len()
+    );
+    // And every one of its readings gets through.
+    wait_until("the good channel's queue empties", || {
+        tsgw_core::ReadingStore::len_of(store.as_ref(), good).unwrap() == 0
+    })
+    .await;
     let metrics = fwd.metrics.clone();
     fwd.stop().await;
     let counters = emu.counters();
     assert_eq!(counters.closed_invalid, closes, "no close while parked");
     assert_eq!(counters.dropped_rate_limit, 0, "{counters:?}");
-    let good_after = emu
-        .entries(good)
-        .iter()
-        .filter(|e| e.created_at() >= window_of(since, 1000))
-        .count();
-    assert!(
-        good_after >= 4,
-        "{good_after} updates of the good channel in the 5 s after the park"
-    );
+    assert_eq!(good_after(), windows.len(), "one update per window");
     assert!(emu.entries(bad).is_empty());
     assert!(
         tsgw_core::ReadingStore::len_of(store.as_ref(), bad).unwrap() >= 50,

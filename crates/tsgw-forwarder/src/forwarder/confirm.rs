@@ -16,10 +16,11 @@ use super::doubt::{same_entry, Doubt};
 use super::{unix_seconds, Conn, Forwarder, IDLE, STORE_RETRY};
 
 /// Checks (subscribe again, wait for the channel's newest entry) that may find
-/// no trace of an update before its readings get a fresh `created_at`. A
-/// silently dropped publish fails one check, so this is only reached when
-/// something else owns that timestamp (another writer), or on a link that
-/// loses nearly everything.
+/// no trace of an update before it is set aside as a doubt and the channel
+/// goes on. A silently dropped publish fails one check, so this is only
+/// reached when something else owns that timestamp (another writer), or on a
+/// link that loses nearly everything. It never gets a fresh `created_at`:
+/// having been written, ThingSpeak may hold it.
 pub(super) const MAX_PROBES: u32 = 10;
 
 /// `created_at` values remembered per channel (for late readings).
@@ -298,6 +299,7 @@ impl Forwarder {
                     .push(Doubt {
                         batch: p.batch,
                         written: p.written,
+                        survive: None,
                     });
                 now
             }
@@ -321,20 +323,32 @@ impl Forwarder {
                     return now;
                 };
                 p.probes += 1;
-                if p.probes >= MAX_PROBES && !p.maybe_stored {
-                    // Never seen although we are its only writer: the
-                    // timestamp is unusable. The readings stay queued and
-                    // form a window with a fresh created_at.
-                    let created_at = p.batch.created_at();
+                if p.probes >= MAX_PROBES {
+                    // Never seen although we are its only writer: something
+                    // else may own the timestamp, or the link loses nearly
+                    // everything. Every probed update was written at least
+                    // once, so ThingSpeak may have it: never restamped. It
+                    // waits aside like any doubt (its readings stay queued)
+                    // and the channel goes on; the echo of its next update,
+                    // or a late echo of this one, settles it.
+                    let Some(p) = self.pending.remove(&channel) else {
+                        return now;
+                    };
                     tracing::warn!(
                         %channel,
                         checks = p.probes,
-                        "update never confirmed; its readings get a new created_at"
+                        created_at = ?p.batch.created_at().map(|t| thingspeak::format_timestamp(&t)),
+                        "update never confirmed; kept in doubt (not restamped), the channel goes on"
                     );
-                    self.pending.remove(&channel);
-                    if let Some(t) = created_at {
-                        self.mark_used(channel, [t]);
-                    }
+                    self.evidence
+                        .entry(channel)
+                        .or_default()
+                        .doubts
+                        .push(Doubt {
+                            batch: p.batch,
+                            written: p.written,
+                            survive: None,
+                        });
                     return now;
                 }
                 tracing::info!(%channel, "update not stored by ThingSpeak; resending it");

@@ -37,6 +37,7 @@ use crate::batch::{window_len, Batch};
 use crate::rest::ReadResult;
 
 use super::confirm::same_value;
+use super::poison::RIGHT_AFTER;
 use super::Forwarder;
 
 /// Entries remembered per channel from its subscription.
@@ -61,15 +62,14 @@ pub(super) enum Verdict {
 pub(super) enum ReadState {
     #[default]
     NotAsked,
+    /// A read of the entries created in `[start, end]` is on its way.
     Asking {
         since: Instant,
-    },
-    /// The entries created in `[start, end]`.
-    Known {
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-        entries: BTreeMap<DateTime<Utc>, FeedEntry>,
     },
+    /// Answered: what it covers is in [`Evidence::known`].
+    Answered,
     /// No read access (`-1`) or reads off: MQTT evidence only.
     Unavailable,
     Failed {
@@ -83,6 +83,12 @@ pub(super) struct Doubt {
     /// The connection generation and write number of its last write; `None`
     /// once that connection is gone (it is then sent again).
     pub(super) written: Option<(u64, u64)>,
+    /// Where "written" counts: when it was written. It counts as delivered
+    /// once its connection outlived [`RIGHT_AFTER`] after that, or wrote a
+    /// later publish; a close before either (ThingSpeak closes right after
+    /// a publish it refuses) leaves it queued, to be resent with the same
+    /// `created_at`.
+    pub(super) survive: Option<Instant>,
 }
 
 /// What the forwarder knows of one channel's stored entries.
@@ -91,6 +97,10 @@ pub(super) struct Evidence {
     /// Values of entries seen on the subscription, by `created_at`.
     pub(super) seen: BTreeMap<DateTime<Utc>, BTreeMap<Target, String>>,
     pub(super) read: ReadState,
+    /// Ranges `[start, end]` the read API answered for in full, and the
+    /// entries it returned in them. A window in none of them is read again.
+    pub(super) known: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+    pub(super) stored: BTreeMap<DateTime<Utc>, FeedEntry>,
     /// Oldest first.
     pub(super) doubts: Vec<Doubt>,
     /// Windows the read API showed absent, counted once (a window not yet
@@ -188,37 +198,24 @@ impl Forwarder {
             };
         }
         let readable = self.config.read_api && self.bulk.is_some();
-        let state = self.evidence.entry(channel).or_default().read.clone();
-        match state {
-            _ if !readable => Verdict::Send { maybe_stored: true },
-            ReadState::Unavailable => Verdict::Send { maybe_stored: true },
-            ReadState::Failed { retry_at } if now < retry_at => {
-                Verdict::Send { maybe_stored: true }
-            }
-            ReadState::Asking { since } => {
-                let until = since + self.confirm_timeout;
-                if now < until {
-                    Verdict::Wait(until)
-                } else {
-                    // Not held back longer than one confirm timeout: the
-                    // MQTT evidence settles it instead.
-                    Verdict::Send { maybe_stored: true }
-                }
-            }
-            ReadState::Known {
-                start,
-                end,
-                entries,
-            } if start <= created_at && created_at <= end => match entries.get(&created_at) {
+        if !readable {
+            return Verdict::Send { maybe_stored: true };
+        }
+        let evidence = self.evidence.entry(channel).or_default();
+        if evidence
+            .known
+            .iter()
+            .any(|(start, end)| *start <= created_at && created_at <= *end)
+        {
+            return match evidence.stored.get(&created_at).cloned() {
                 Some(entry) => {
-                    let entry = entry.clone();
                     self.settle(channel, batch.clone(), "read_api", |t| {
                         entry.get(t).map(str::to_owned)
                     });
                     Verdict::Settled
                 }
                 None => {
-                    let absent = &mut self.evidence.entry(channel).or_default().absent;
+                    let absent = &mut evidence.absent;
                     if absent.insert(created_at) {
                         while absent.len() > SEEN_MEMORY {
                             absent.pop_first();
@@ -231,23 +228,59 @@ impl Forwarder {
                         maybe_stored: false,
                     }
                 }
-            },
+            };
+        }
+        match evidence.read {
+            ReadState::Unavailable => Verdict::Send { maybe_stored: true },
+            ReadState::Failed { retry_at } if now < retry_at => {
+                Verdict::Send { maybe_stored: true }
+            }
+            ReadState::Asking { since, .. } => {
+                let until = since + self.confirm_timeout;
+                if now < until {
+                    Verdict::Wait(until)
+                } else {
+                    // Not held back longer than one confirm timeout: the
+                    // MQTT evidence settles it instead.
+                    Verdict::Send { maybe_stored: true }
+                }
+            }
+            // Not covered by what was read (a full answer holds only the
+            // newest entries of its range): read from this window up to
+            // the oldest range already known after it.
             _ => {
-                self.start_read(channel, created_at, now);
+                let end = evidence
+                    .known
+                    .iter()
+                    .map(|(start, _)| *start)
+                    .filter(|start| *start > created_at)
+                    .min()
+                    .map_or(self.started_utc, |start| start - TimeDelta::seconds(1))
+                    .max(created_at);
+                self.start_read(channel, created_at, end, now);
                 Verdict::Wait(now + self.confirm_timeout)
             }
         }
     }
 
-    /// Asks the read API for the entries from `from` to this run's start.
-    fn start_read(&mut self, channel: ChannelId, from: DateTime<Utc>, now: Instant) {
+    /// Asks the read API for the entries created in `[start, end]`.
+    fn start_read(
+        &mut self,
+        channel: ChannelId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        now: Instant,
+    ) {
         let Some(client) = self.bulk.clone() else {
             return;
         };
         let key = self.config.read_key(channel);
-        let (start, end) = (from, self.started_utc);
         let timeout = self.confirm_timeout;
-        self.evidence.entry(channel).or_default().read = ReadState::Asking { since: now };
+        self.evidence.entry(channel).or_default().read = ReadState::Asking {
+            since: now,
+            start,
+            end,
+        };
         tracing::debug!(%channel, "reading the channel's entries to settle updates in doubt");
         let tx = self.reads_tx.clone();
         tokio::spawn(async move {
@@ -271,18 +304,24 @@ impl Forwarder {
         let now = Instant::now();
         let state = match done.result {
             ReadResult::Entries(list) => {
-                // A full answer may stop short of `end`: what it covers is
-                // known, the rest is asked again when needed.
-                let end = if list.len() >= thingspeak::read::MAX_RESULTS {
-                    list.last().map_or(done.end, |e| e.created_at)
+                // A full answer holds the range's NEWEST entries (as
+                // ThingSpeak and the emulator answer): it covers only
+                // `[its oldest entry, end]`; windows before that are read
+                // again, over a narrower range.
+                let start = if list.len() >= thingspeak::read::MAX_RESULTS {
+                    list.iter()
+                        .map(|e| e.created_at)
+                        .min()
+                        .map_or(done.start, |first| first.max(done.start))
                 } else {
-                    done.end
+                    done.start
                 };
-                ReadState::Known {
-                    start: done.start,
-                    end,
-                    entries: list.into_iter().map(|e| (e.created_at, e)).collect(),
-                }
+                let evidence = self.evidence.entry(channel).or_default();
+                evidence.known.push((start, done.end));
+                evidence
+                    .stored
+                    .extend(list.into_iter().map(|e| (e.created_at, e)));
+                ReadState::Answered
             }
             ReadResult::NoAccess => {
                 tracing::info!(
@@ -305,7 +344,16 @@ impl Forwarder {
                 }
             }
         };
-        self.evidence.entry(channel).or_default().read = state;
+        let evidence = self.evidence.entry(channel).or_default();
+        // The answer to an earlier read (one given up on) leaves its entries
+        // known but does not end the read now on its way.
+        let current = match evidence.read {
+            ReadState::Asking { start, end, .. } => start == done.start && end == done.end,
+            _ => true,
+        };
+        if current || matches!(state, ReadState::Unavailable) {
+            evidence.read = state;
+        }
     }
 
     /// Settles `batch` (not the pending update) against a stored entry.
@@ -435,8 +483,51 @@ impl Forwarder {
         for evidence in self.evidence.values_mut() {
             for d in &mut evidence.doubts {
                 d.written = None;
+                d.survive = None;
             }
         }
+    }
+
+    /// Where "written" counts: a write of the current connection that
+    /// outlived [`RIGHT_AFTER`] (by `now`), or every one of them when a later
+    /// publish was written (`later_write`), counts as delivered. Returns when
+    /// the next of `channel`'s writes will have survived, if any waits.
+    pub(super) fn settle_survivors(
+        &mut self,
+        channel: Option<ChannelId>,
+        later_write: bool,
+        now: Instant,
+    ) -> Option<Instant> {
+        let generation = self.current_generation()?;
+        let mut next = None;
+        let mut survived = Vec::new();
+        for (c, evidence) in &mut self.evidence {
+            if channel.is_some_and(|ch| ch != *c) {
+                continue;
+            }
+            let (done, kept): (Vec<Doubt>, Vec<Doubt>) = std::mem::take(&mut evidence.doubts)
+                .into_iter()
+                .partition(|d| match (d.survive, d.written) {
+                    (Some(at), Some((g, _))) if g == generation => {
+                        later_write || now >= at + RIGHT_AFTER
+                    }
+                    _ => false,
+                });
+            evidence.doubts = kept;
+            for d in &evidence.doubts {
+                if let (Some(at), Some((g, _))) = (d.survive, d.written) {
+                    if g == generation {
+                        let at = at + RIGHT_AFTER;
+                        next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                    }
+                }
+            }
+            survived.extend(done.into_iter().map(|d| (*c, d.batch)));
+        }
+        for (c, batch) in survived {
+            self.deliver_batch(c, &batch, false);
+        }
+        next
     }
 
     /// The oldest doubt to send again, if any (taken out of the list).

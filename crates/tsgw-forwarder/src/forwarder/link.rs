@@ -214,6 +214,11 @@ impl Forwarder {
                 _ if !confirms => Stage::Ready,
                 Stage::Ready => Stage::Ready,
                 Stage::Writing | Stage::AwaitEcho { .. } | Stage::Probe { .. } | Stage::InDoubt => {
+                    // Handed to (or written on) a connection that is gone:
+                    // ThingSpeak may have stored it without our seeing the
+                    // echo, so it is settled by evidence and never gets a
+                    // fresh created_at (that would store its readings twice).
+                    p.maybe_stored = true;
                     Stage::InDoubt
                 }
             };

@@ -15,7 +15,7 @@ use crate::batch::{aggregate, group, Batch, Group, Policies, Rejected};
 use crate::config::{Auth, Backfill};
 
 use super::confirm::{Pending, Stage, Sub};
-use super::doubt::Verdict;
+use super::doubt::{Doubt, Verdict};
 use super::{unix_seconds, Conn, Forwarder, InFlight, IDLE, STORE_RETRY};
 
 /// Most readings looked at per channel and pass. More wait for later passes.
@@ -64,6 +64,8 @@ impl Forwarder {
         self.next_check.remove(&channel);
         self.write_seq += 1;
         let seq = self.write_seq;
+        // A later publish written: the connection outlived the earlier ones.
+        self.settle_survivors(None, true, now);
         self.poison_note_write(channel, generation, now);
         self.schedule.record(channel, now);
         let label = channel.to_string();
@@ -105,12 +107,41 @@ impl Forwarder {
                 until: now + timeout,
             };
         } else {
-            self.deliver(channel, false);
+            // "Written" counts, but not yet: ThingSpeak closes the
+            // connection right after a publish it refuses (a channel the
+            // device may not write), and such an update must stay queued.
+            // It waits aside, its readings and created_at held, and the
+            // channel goes on; see `settle_survivors`.
+            let Some(p) = self.pending.remove(&channel) else {
+                return;
+            };
+            self.next_check.remove(&channel);
+            self.evidence
+                .entry(channel)
+                .or_default()
+                .doubts
+                .push(Doubt {
+                    batch: p.batch,
+                    written: p.written,
+                    survive: Some(now),
+                });
         }
     }
 
     /// Moves one channel forward; returns when it needs looking at again.
     pub(super) fn advance(
+        &mut self,
+        channel: ChannelId,
+        now: Instant,
+    ) -> Result<Instant, tsgw_core::StoreError> {
+        // Writes that outlive their close-right-after period count then,
+        // whatever else the channel waits for.
+        let survive_at = self.settle_survivors(Some(channel), false, now);
+        let at = self.advance_channel(channel, now)?;
+        Ok(survive_at.map_or(at, |s| s.min(at)))
+    }
+
+    fn advance_channel(
         &mut self,
         channel: ChannelId,
         now: Instant,

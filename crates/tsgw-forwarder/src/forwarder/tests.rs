@@ -162,7 +162,10 @@ async fn in_doubt_update_keeps_readings_and_stale_writes_are_ignored() {
     f.send_due(later(2)).unwrap();
     assert_eq!(f.in_flight.as_ref().map(|i| i.generation), Some(1));
     f.on_event(event(1, ConnEventKind::Written));
-    assert_eq!(store.len(), 0, "removed once written");
+    assert_eq!(store.len(), 1, "kept while a close may still follow");
+    // The connection outlives the publish by RIGHT_AFTER: "written" counts.
+    f.send_due(later(5)).unwrap();
+    assert_eq!(store.len(), 0, "removed once written (and survived)");
     assert_eq!(
         metrics.updates_sent_total.with_label_values(&["42"]).get(),
         1
@@ -202,8 +205,9 @@ async fn channel_gauges_follow_the_channel() {
     f.send_due(later(2)).unwrap();
     f.on_event(event(0, ConnEventKind::Written));
     assert!(gauge!(channel_last_sent_timestamp_seconds) >= before);
-    assert!(gauge!(channel_last_confirmed_timestamp_seconds) >= before);
+    // "Written" counts once the connection outlived the publish.
     f.send_due(later(4)).unwrap();
+    assert!(gauge!(channel_last_confirmed_timestamp_seconds) >= before);
     assert_eq!(
         gauge!(channel_next_window_timestamp_seconds),
         0.0,
@@ -429,6 +433,8 @@ async fn a_refused_subscription_falls_back_to_written_counts() {
     ));
     f.send_due(later(2)).unwrap();
     f.on_event(event(0, ConnEventKind::Written));
+    assert_eq!(store.len(), 1, "kept while a close may still follow");
+    f.send_due(later(5)).unwrap();
     assert_eq!(store.len(), 0);
 }
 
@@ -685,6 +691,7 @@ async fn a_channel_whose_publish_closes_the_connection_is_parked_and_others_flow
         "the other channel goes while the bad one is parked"
     );
     f.on_event(event(3, ConnEventKind::Written));
+    f.send_due(later(12)).unwrap();
     assert_eq!(store.len(), 1, "the parked channel's reading stays queued");
 }
 
@@ -713,5 +720,319 @@ async fn closes_that_do_not_follow_a_publish_park_nothing() {
             .with_label_values(&["42", "closed_after_publish"])
             .get(),
         0
+    );
+}
+
+/// Connects as `generation`, subscribes and publishes the channel's window.
+fn written_window(f: &mut Forwarder, generation: u64) -> DateTime<Utc> {
+    f.send_due(later(2)).unwrap();
+    grant(f, generation);
+    f.send_due(later(2)).unwrap();
+    assert_eq!(stage(f), Some(Stage::Writing));
+    f.on_event(event(generation, ConnEventKind::Written));
+    f.pending[&ch()].batch.created_at().unwrap()
+}
+
+#[tokio::test]
+async fn an_update_written_before_a_connection_loss_is_a_doubt_never_restamped() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    let first = written_window(&mut f, 0);
+    // The connection drops before the echo: ThingSpeak may have stored it.
+    f.on_event(event(0, closed()));
+    assert_eq!(stage(&f), Some(Stage::InDoubt));
+    assert!(
+        f.pending[&ch()].maybe_stored,
+        "written on a connection now lost: maybe stored"
+    );
+    push_at(&store, ch(), 2, 5, 6.0);
+    let _loop1 = connect_as(&mut f, 1);
+    f.send_due(later(2)).unwrap();
+    grant(&mut f, 1);
+    assert!(matches!(stage(&f), Some(Stage::Probe { .. })));
+    // The check's newest entry is older (its echo lost, or not stored).
+    entry_at(&mut f, 1, Utc::now() - chrono::TimeDelta::seconds(100), "1");
+    f.send_due(later(4)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "resent");
+    assert_eq!(f.pending[&ch()].batch.created_at(), Some(first));
+    f.on_event(event(1, ConnEventKind::Written));
+    // ThingSpeak had it and rejects the resend silently: no echo. It waits
+    // aside; the channel goes on at once with its next window.
+    f.send_due(later(6)).unwrap();
+    f.send_due(later(6)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "next window not held back");
+    let next = &f.pending[&ch()].batch;
+    assert!(next.created_at().unwrap() > first);
+    assert_eq!(
+        next.covered.len(),
+        1,
+        "the doubt's reading joins no other window"
+    );
+    assert_eq!(store.len(), 2);
+    f.on_event(event(1, ConnEventKind::Written));
+    echo(&mut f, 1, "6");
+    assert_eq!(store.len(), 0, "the later echo settles the doubt");
+    assert_eq!(doubts(&metrics, "duplicate"), 1);
+}
+
+#[tokio::test]
+async fn an_update_no_check_ever_finds_is_kept_in_doubt_never_restamped() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    push_at(&store, ch(), 2, 5, 6.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    let first = written_window(&mut f, 0);
+    let mut loops = Vec::new();
+    for k in 0..confirm::MAX_PROBES {
+        // The same connection with room for more requests (the test's
+        // event loop is never polled).
+        loops.push(connect_as(&mut f, 0));
+        f.send_due(later(3)).unwrap();
+        assert!(matches!(stage(&f), Some(Stage::Probe { .. })), "check {k}");
+        let pkid = u16::try_from(k + 2).unwrap();
+        f.on_event(event(0, ConnEventKind::SubscribeSent(pkid)));
+        f.on_event(event(
+            0,
+            ConnEventKind::SubAck {
+                pkid,
+                granted: true,
+            },
+        ));
+        // The check brings nothing: resent with the same created_at.
+        f.send_due(later(5)).unwrap();
+        if k + 1 < confirm::MAX_PROBES {
+            assert_eq!(stage(&f), Some(Stage::Writing), "check {k}");
+            assert_eq!(f.pending[&ch()].batch.created_at(), Some(first));
+            f.on_event(event(0, ConnEventKind::Written));
+        }
+    }
+    // After the last check the window waits aside; its readings do not
+    // join the next window under a new created_at.
+    loops.push(connect_as(&mut f, 0));
+    f.send_due(later(5)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing), "the channel goes on");
+    let next = &f.pending[&ch()].batch;
+    assert!(next.created_at().unwrap() > first);
+    assert!(
+        !next.covered.contains(&QueueKey {
+            channel: ch(),
+            seq: 1
+        }),
+        "never restamped"
+    );
+    assert_eq!(f.evidence[&ch()].doubts.len(), 1);
+    assert_eq!(store.len(), 2);
+    f.on_event(event(0, ConnEventKind::Written));
+    echo(&mut f, 0, "6");
+    assert_eq!(store.len(), 0);
+    assert_eq!(doubts(&metrics, "duplicate"), 1);
+}
+
+#[tokio::test]
+async fn a_full_read_answer_covers_only_its_newest_entries_and_older_windows_are_read_again() {
+    let store = Arc::new(MemStore::default());
+    let old = Utc::now() - chrono::TimeDelta::seconds(10);
+    let newer = Utc::now() - chrono::TimeDelta::seconds(5);
+    push_measured(&store, ch(), 1, old, 5.0);
+    push_measured(&store, ch(), 2, newer, 6.0);
+    let metrics = Metrics::new();
+    let mut f = restarted(true, store.clone(), metrics.clone());
+    f.bulk = Some(crate::rest::BulkClient::new("127.0.0.1".into(), 9, None));
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    let first_window = DateTime::from_timestamp(old.timestamp(), 0).unwrap();
+    let second_window = DateTime::from_timestamp(newer.timestamp(), 0).unwrap();
+    let (start, end) = match f.evidence[&ch()].read {
+        super::doubt::ReadState::Asking { start, end, .. } => (start, end),
+        ref other => panic!("asking expected, got {other:?}"),
+    };
+    assert_eq!((start, end), (first_window, f.started_utc));
+    // A full answer: ThingSpeak returns the range's newest 8000 entries, the
+    // oldest of them the second window's (stored). The first window lies
+    // before them: unknown, not absent.
+    let full: Vec<_> = (0..thingspeak::read::MAX_RESULTS)
+        .map(|i| {
+            let at = second_window + chrono::TimeDelta::milliseconds(i as i64);
+            let mut e = thingspeak::FeedEntry::new(i as u64 + 1, at);
+            e.field1 = Some(if i == 0 { "6" } else { "1" }.into());
+            e
+        })
+        .collect();
+    f.on_read_done(super::doubt::ReadDone {
+        channel: ch(),
+        start,
+        end,
+        result: crate::rest::ReadResult::Entries(full),
+    });
+    f.send_due(later(2)).unwrap();
+    assert!(f.in_flight.is_none() && f.pending.is_empty(), "not sent");
+    assert_eq!(doubts(&metrics, "not_stored"), 0, "not judged absent");
+    let (start, end) = match f.evidence[&ch()].read {
+        super::doubt::ReadState::Asking { start, end, .. } => (start, end),
+        ref other => panic!("read again expected, got {other:?}"),
+    };
+    assert_eq!(
+        (start, end),
+        (first_window, second_window - chrono::TimeDelta::seconds(1)),
+        "only the range the full answer left out"
+    );
+    f.on_read_done(super::doubt::ReadDone {
+        channel: ch(),
+        start,
+        end,
+        result: crate::rest::ReadResult::Entries(Vec::new()),
+    });
+    f.send_due(later(2)).unwrap();
+    assert_eq!(doubts(&metrics, "not_stored"), 1);
+    let p = &f.pending[&ch()];
+    assert_eq!(p.batch.created_at(), Some(first_window));
+    assert!(!p.maybe_stored, "known absent: an ordinary send");
+    // The second window is settled by the first (full) answer.
+    f.pending.clear();
+    f.store
+        .remove(&[QueueKey {
+            channel: ch(),
+            seq: 1,
+        }])
+        .unwrap();
+    f.next_check.clear();
+    f.send_due(later(2)).unwrap();
+    assert_eq!(doubts(&metrics, "read_api"), 1);
+    assert_eq!(store.len(), 0);
+}
+
+#[tokio::test]
+async fn where_written_counts_a_close_right_after_the_publish_keeps_the_readings() {
+    let store = Arc::new(MemStore::default());
+    push_at(&store, ch(), 1, 10, 5.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(true, store.clone(), metrics.clone());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    // The device may not subscribe (nor, it turns out, write): written counts.
+    f.on_event(event(0, ConnEventKind::SubscribeSent(1)));
+    f.on_event(event(
+        0,
+        ConnEventKind::SubAck {
+            pkid: 1,
+            granted: false,
+        },
+    ));
+    f.send_due(later(2)).unwrap();
+    let first = f.pending[&ch()].batch.created_at();
+    f.on_event(event(0, ConnEventKind::Written));
+    // ThingSpeak closes the connection right after the publish.
+    f.on_event(event(
+        0,
+        ConnEventKind::Closed(Closed {
+            reason: "closed_by_peer",
+            refused: None,
+            message: "connection closed by peer".into(),
+        }),
+    ));
+    assert_eq!(store.len(), 1, "neither kept nor counted would lose it");
+    // Resent on the next connection with the same created_at.
+    let _loop1 = connect_as(&mut f, 1);
+    f.send_due(later(4)).unwrap();
+    assert_eq!(stage(&f), Some(Stage::Writing));
+    assert_eq!(f.pending[&ch()].batch.created_at(), first);
+    f.on_event(event(1, ConnEventKind::Written));
+    assert_eq!(store.len(), 1);
+    // This time the connection outlives it: "written" counts.
+    f.send_due(later(4) + poison::RIGHT_AFTER).unwrap();
+    assert_eq!(store.len(), 0);
+    assert_eq!(
+        metrics.updates_sent_total.with_label_values(&["42"]).get(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn where_written_counts_a_later_publish_written_counts_the_earlier_one() {
+    let store = Arc::new(MemStore::default());
+    let other = ChannelId::new(43).unwrap();
+    push_at(&store, ch(), 1, 10, 1.0);
+    push_at(&store, other, 2, 10, 2.0);
+    let mut f = forwarder(false, store.clone(), Metrics::new());
+    let _loop = connect_as(&mut f, 0);
+    f.send_due(later(2)).unwrap();
+    let first = f.in_flight.as_ref().map(|i| i.channel).unwrap();
+    f.on_event(event(0, ConnEventKind::Written));
+    assert_eq!(store.len(), 2, "kept while a close may still follow");
+    f.send_due(later(2)).unwrap();
+    let second = f.in_flight.as_ref().map(|i| i.channel).unwrap();
+    assert_ne!(first, second);
+    f.on_event(event(0, ConnEventKind::Written));
+    assert_eq!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), first).unwrap(),
+        0,
+        "the connection took a later publish: the first counts"
+    );
+    assert_eq!(store.len(), 1);
+}
+
+#[tokio::test]
+async fn a_parked_channel_leaves_the_others_every_slot() {
+    let store = Arc::new(MemStore::default());
+    let bad = ch();
+    let good = ChannelId::new(43).unwrap();
+    push_at(&store, bad, 1, 30, 1.0);
+    let metrics = Metrics::new();
+    let mut f = forwarder(false, store.clone(), metrics.clone());
+    let peer_close = || {
+        ConnEventKind::Closed(Closed {
+            reason: "closed_by_peer",
+            refused: None,
+            message: "connection closed by peer".into(),
+        })
+    };
+    for round in 0..3u64 {
+        let _loop = connect_as(&mut f, round);
+        f.send_due(later(2 + 2 * round)).unwrap();
+        assert_eq!(f.in_flight.as_ref().map(|i| i.channel), Some(bad));
+        f.on_event(event(round, peer_close()));
+    }
+    assert_eq!(metrics.channel_parked.with_label_values(&["42"]).get(), 1);
+    // The good channel has one reading in each of 5 closed 1 s windows.
+    let windows = 5;
+    for i in 0..windows {
+        push_at(&store, good, 10 + i, 20 - i as i64, i as f64);
+    }
+    let _loop = connect_as(&mut f, 3);
+    let mut sent = Vec::new();
+    let mut at = f.schedule.due_at(good);
+    for k in 0..windows {
+        if k > 0 {
+            // Nothing goes before the channel's slot...
+            f.next_check.clear();
+            f.send_due(at - Duration::from_millis(1)).unwrap();
+            assert!(f.in_flight.is_none(), "before the slot");
+        }
+        // ...and the good channel's next window goes right at it: every
+        // slot taken, the parked channel skipped.
+        f.next_check.clear();
+        f.send_due(at).unwrap();
+        assert_eq!(f.in_flight.as_ref().map(|i| i.channel), Some(good));
+        sent.push(f.pending[&good].batch.created_at().unwrap());
+        f.on_event(event(3, ConnEventKind::Written));
+        at = f.schedule.due_at(good);
+    }
+    assert!(sent.windows(2).all(|w| w[0] < w[1]), "in order: {sent:?}");
+    assert_eq!(sent.len(), windows as usize, "one update per window");
+    f.send_due(at + poison::RIGHT_AFTER).unwrap();
+    assert_eq!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), good).unwrap(),
+        0,
+        "every reading of the good channel delivered"
+    );
+    assert_eq!(
+        tsgw_core::ReadingStore::len_of(store.as_ref(), bad).unwrap(),
+        1,
+        "the parked channel's reading stays queued"
     );
 }
