@@ -42,6 +42,12 @@ use super::Forwarder;
 
 /// Entries remembered per channel from its subscription.
 const SEEN_MEMORY: usize = 256;
+/// Entries of read-API answers remembered per channel: two full answers.
+/// Windows go out oldest first, so the oldest knowledge is the first not
+/// needed; forgetting it only means reading again (see [`Evidence::remember`]).
+const STORED_MEMORY: usize = 2 * thingspeak::read::MAX_RESULTS;
+/// Answered ranges remembered per channel.
+const KNOWN_MEMORY: usize = 64;
 /// After a failed read, MQTT evidence alone for this long before asking again.
 const READ_RETRY: Duration = Duration::from_secs(60);
 
@@ -109,6 +115,39 @@ pub(super) struct Evidence {
 }
 
 impl Evidence {
+    /// Adds a read answer covering `[start, end]`, keeping the memory bounded
+    /// (a gateway runs for years): beyond [`STORED_MEMORY`] entries or
+    /// [`KNOWN_MEMORY`] ranges the oldest are forgotten, and no range keeps
+    /// claiming a time whose entries were forgotten, so a window there is read
+    /// again rather than judged absent.
+    pub(super) fn remember(
+        &mut self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        entries: impl IntoIterator<Item = FeedEntry>,
+    ) {
+        self.known.push((start, end));
+        self.stored
+            .extend(entries.into_iter().map(|e| (e.created_at, e)));
+        let mut forgotten_through = None;
+        while self.stored.len() > STORED_MEMORY {
+            forgotten_through = self.stored.pop_first().map(|(t, _)| t);
+        }
+        if let Some(cutoff) = forgotten_through {
+            let after = cutoff + TimeDelta::microseconds(1);
+            self.known.retain(|&(_, end)| end > cutoff);
+            for range in &mut self.known {
+                range.0 = range.0.max(after);
+            }
+        }
+        while self.known.len() > KNOWN_MEMORY {
+            let oldest = (0..self.known.len())
+                .min_by_key(|&i| self.known[i].0)
+                .unwrap_or(0);
+            self.known.swap_remove(oldest);
+        }
+    }
+
     /// Readings and `created_at` values held by doubts, kept out of new windows.
     pub(super) fn held(&self) -> (BTreeSet<QueueKey>, BTreeSet<DateTime<Utc>>) {
         let keys = self
@@ -316,11 +355,10 @@ impl Forwarder {
                 } else {
                     done.start
                 };
-                let evidence = self.evidence.entry(channel).or_default();
-                evidence.known.push((start, done.end));
-                evidence
-                    .stored
-                    .extend(list.into_iter().map(|e| (e.created_at, e)));
+                self.evidence
+                    .entry(channel)
+                    .or_default()
+                    .remember(start, done.end, list);
                 ReadState::Answered
             }
             ReadResult::NoAccess => {
@@ -535,5 +573,67 @@ impl Forwarder {
         let evidence = self.evidence.get_mut(&channel)?;
         let i = evidence.doubts.iter().position(|d| d.written.is_none())?;
         Some(evidence.doubts.remove(i).batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(secs: i64) -> FeedEntry {
+        serde_json::from_value(serde_json::json!({
+            "created_at": DateTime::from_timestamp(1_764_000_000 + secs, 0)
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%SZ")
+                .to_string(),
+            "entry_id": secs,
+            "field1": "1",
+        }))
+        .unwrap()
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_764_000_000 + secs, 0).unwrap()
+    }
+
+    fn covered(evidence: &Evidence, t: DateTime<Utc>) -> bool {
+        evidence.known.iter().any(|&(s, e)| s <= t && t <= e)
+    }
+
+    #[test]
+    fn read_answers_are_remembered_within_bounds_and_never_claim_forgotten_times() {
+        let mut evidence = Evidence::default();
+        let per_read = thingspeak::read::MAX_RESULTS as i64;
+        // Three full answers, one after the other: more than STORED_MEMORY.
+        for read in 0..3 {
+            let from = read * per_read;
+            evidence.remember(
+                at(from),
+                at(from + per_read - 1),
+                (from..from + per_read).map(entry),
+            );
+        }
+        assert_eq!(evidence.stored.len(), STORED_MEMORY);
+        // The first answer's entries are forgotten, and so is its range: a
+        // window there is read again, not judged absent.
+        assert!(!evidence.stored.contains_key(&at(0)));
+        assert!(!covered(&evidence, at(0)));
+        assert!(!covered(&evidence, at(per_read - 1)));
+        // What is remembered is still covered and found.
+        assert!(covered(&evidence, at(per_read)));
+        assert!(evidence.stored.contains_key(&at(per_read)));
+        assert!(covered(&evidence, at(3 * per_read - 1)));
+
+        // Many small answers: the ranges stay bounded, the newest kept.
+        for read in 0..(2 * KNOWN_MEMORY as i64) {
+            let t = 10 * per_read + 10 * read;
+            evidence.remember(at(t), at(t + 5), [entry(t)]);
+        }
+        assert!(evidence.known.len() <= KNOWN_MEMORY);
+        assert!(covered(
+            &evidence,
+            at(10 * per_read + 10 * (2 * KNOWN_MEMORY as i64 - 1))
+        ));
+        assert!(evidence.stored.len() <= STORED_MEMORY);
     }
 }
