@@ -229,7 +229,7 @@ fn devices(out: &mut String, page: &StatusPage) {
             when(d.last_stored, page.now),
             when(d.last_measured, page.now),
         );
-        if d.values.is_empty() {
+        if d.values.is_empty() && d.via.is_none() {
             out.push('—');
         }
         for (what, value) in &d.values {
@@ -238,6 +238,16 @@ fn devices(out: &mut String, page: &StatusPage) {
                 "<span>{} = <b class=\"value\">{}</b></span>",
                 escape(what),
                 escape(value)
+            );
+        }
+        // An account's rule readings show under the rule: say which.
+        if let Some(via) = &d.via {
+            let _ = write!(
+                out,
+                "<span class=\"via\">{} through rule <b>{}</b> to channel {}</span>",
+                plural(via.readings, "reading"),
+                escape(&via.rule),
+                via.channel
             );
         }
         let _ = write!(
@@ -437,7 +447,7 @@ fn queue(out: &mut String, page: &StatusPage) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::status::snapshot::{DeviceRow, QueueView, UpstreamView};
+    use crate::ops::status::snapshot::{DeviceRow, QueueView, UpstreamView, Via};
     use chrono::TimeZone;
     use tsgw_core::SourceKind;
     use tsgw_queue::OpenState;
@@ -494,7 +504,36 @@ mod tests {
             accepted: 1,
             rejected: 0,
             errors: Vec::new(),
+            via: None,
         }
+    }
+
+    #[test]
+    fn an_account_row_names_the_rule_it_sends_through() {
+        let now = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+        let account = DeviceRow {
+            values: Vec::new(),
+            last_stored: Some(now - chrono::Duration::seconds(3)),
+            via: Some(Via {
+                rule: "green<house>".into(),
+                channel: tsgw_core::ChannelId::new(1002).unwrap(),
+                readings: 60,
+            }),
+            ..device("esp", "")
+        };
+        let html = render(&page(vec![account]), Duration::from_secs(10));
+        let row = &html[html.find("data-device=\"esp\"").unwrap()..];
+        let row = &row[..row.find("</tr>").unwrap()];
+        assert!(row.contains(">receiving<"), "{row}");
+        assert!(row.contains("(3 s ago)"), "{row}");
+        assert!(
+            row.contains("60 readings through rule <b>green&lt;house&gt;</b> to channel 1002"),
+            "{row}"
+        );
+        assert!(
+            row.contains("<td class=\"values\"><span class=\"via\">"),
+            "an account sending through a rule has no dash for values: {row}"
+        );
     }
 
     #[test]
