@@ -403,15 +403,22 @@ fn queue(out: &mut String, page: &StatusPage) {
     } else {
         let _ = write!(
             out,
-            "opening: {} for {}{}",
+            "opening: {} for {}",
             q.open.phase.describe(),
             duration(q.open.elapsed),
-            if q.open.items > 0 {
-                format!(", {} readings so far", q.open.items)
-            } else {
-                String::new()
-            }
         );
+        if q.open.items > 0 {
+            let _ = write!(out, ", {} readings so far", q.open.items);
+        }
+        if let Some(rate) = q.open.rate() {
+            let _ = write!(out, ", {rate:.1} readings/s");
+        }
+        if let Some(left) = q.open.left() {
+            let _ = write!(out, ", {left} left");
+            if let Some(eta) = q.open.eta() {
+                let _ = write!(out, ", done in about {}", duration(eta));
+            }
+        }
     }
     let fill = if q.max_bytes > 0 {
         format!(
@@ -474,6 +481,8 @@ mod tests {
                     phase: OpenPhase::Counting,
                     items: 5000,
                     elapsed: Duration::from_secs(40),
+                    phase_elapsed: Duration::from_secs(20),
+                    expected: Some(20_000),
                 },
                 readings: 3,
                 bytes: 2048,
@@ -657,6 +666,13 @@ mod tests {
         assert!(html.contains("<b class=\"value\">21.5</b>"));
         assert!(
             html.contains("opening: counting queued readings for 40 s, 5000 readings so far"),
+            "{html}"
+        );
+        // 5000 in the phase's 20 s: 250 a second, 15000 left, 60 s.
+        assert!(
+            html.contains(
+                "5000 readings so far, 250.0 readings/s, 15000 left, done in about 1 min 0 s</td>"
+            ),
             "{html}"
         );
         assert!(html.contains("2.0 KiB (50.0 % of 4.0 KiB)"), "{html}");

@@ -572,6 +572,8 @@ mod tests {
                 phase: OpenPhase::Open,
                 items: 0,
                 elapsed: Duration::ZERO,
+                phase_elapsed: Duration::ZERO,
+                expected: None,
             },
             disk: (None, None),
         })
