@@ -23,6 +23,9 @@ use tsgw_serial::SerialPortConfig;
 
 mod describe;
 
+/// The config file commands read when not given one (`--config`, `TSGW_CONFIG`).
+pub const DEFAULT_CONFIG: &str = "/etc/tsgw/gateway.toml";
+
 /// Prefix of environment variables that override config keys
 /// (`TSGW_UPSTREAM__PASSWORD` sets `upstream.password`).
 pub const ENV_PREFIX: &str = "TSGW_";
