@@ -187,6 +187,16 @@ pub async fn device(broker: std::net::SocketAddr, id: &str) -> Device {
     ok(Device::connect(broker, id, 1000).await)
 }
 
+/// [`device`] logged in as `user` of `[mqtt.users]`.
+pub async fn device_as(
+    broker: std::net::SocketAddr,
+    id: &str,
+    user: &str,
+    password: &str,
+) -> Device {
+    ok(Device::connect_as(broker, id, (user, password), 1000).await)
+}
+
 /// [`device`] with a persistent session: see [`Device::connect_persistent`].
 pub async fn persistent_device(broker: std::net::SocketAddr, id: &str) -> Device {
     ok(Device::connect_persistent(broker, id, 1000).await)

@@ -81,3 +81,20 @@ fn systemd_credentials_set_keys() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("user-from-credential"), "{stdout}");
 }
+
+#[test]
+fn a_value_the_checks_refuse_names_the_file_and_line_of_its_table() {
+    // MINIMAL_CONFIG is 6 lines; the [[serial]] entry starts on line 7.
+    let (_dir, path) = config_file(&format!(
+        "{MINIMAL_CONFIG}[[serial]]\nname = \"a\"\npath = \"/dev/ttyUSB0\"\nchannel = 1\nbaud = 0\n\
+         parser = {{ format = \"plain\", target = \"field1\" }}\n"
+    ));
+    let (ok, _, stderr) = run_tsgw(&["check-config", "--config", &path], &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{path}, line 7: invalid [[serial]] #1 (\"a\"): serial port \"a\": baud: must be greater than 0"
+        )),
+        "{stderr}"
+    );
+}

@@ -429,3 +429,62 @@ async fn probe_serial_prints_each_line_with_what_the_parser_makes_of_it() {
     );
     drop(port);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_serial_uses_the_parser_of_the_configured_port() {
+    use std::io::BufRead;
+    use tokio::io::AsyncWriteExt;
+    use tokio_serial::SerialPort;
+    let (mut device, port) = tokio_serial::SerialStream::pair().expect("pty pair");
+    let path = port.name().expect("pty path");
+    // The config names the device file; the probe gets a by-id style link to it.
+    let (dir, config) = config_file(&format!(
+        "{MINIMAL_CONFIG}\n[[serial]]\nname = \"arduino\"\npath = {path:?}\nchannel = 1002\n\
+         baud = 19200\nexclusive = false\n\
+         parser = {{ format = \"key_value\", fields = {{ t = \"field2\", h = \"field3\" }} }}\n"
+    ));
+    let link = dir.path().join("usb-Arduino_Uno_0001-if00");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let link = link.display().to_string();
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_tsgw"))
+        .args(["probe", "serial", &link, "--lines", "1", "--seconds", "30"])
+        .args(["--config", &config])
+        .env_remove("TSGW_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tsgw probe serial starts");
+    let mut stderr = std::io::BufReader::new(probe.stderr.take().unwrap());
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stderr.read_line(&mut line).map(|_| line)
+    });
+    let opened = tokio::time::timeout(crate::common::WAIT, opened)
+        .await
+        .expect("the probe opened the port in time")
+        .unwrap()
+        .unwrap();
+    assert!(
+        opened.starts_with(&format!(
+            "reading {link} at 19200 baud (settings and parser of [[serial]] \"arduino\" in {config})"
+        )),
+        "{opened}"
+    );
+    device.write_all(b"t=23.5,h=61\r\n").await.unwrap();
+    let out = tokio::time::timeout(
+        crate::common::WAIT,
+        tokio::task::spawn_blocking(move || probe.wait_with_output()),
+    )
+    .await
+    .expect("the probe stopped after a line")
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["\"t=23.5,h=61\"  →  1002 field2 = 23.5, 1002 field3 = 61"]
+    );
+    drop(port);
+}

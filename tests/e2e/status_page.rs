@@ -1,7 +1,8 @@
 //! The status page in a real browser: headless Chromium (Debian's
 //! `chromium`, installed by `.ci/run`) loads `/` from a gateway with MQTT,
 //! serial and Modbus devices. The DOM must show the devices and their
-//! values, the browser must log no console message, and its screenshot must
+//! values (an MQTT account that publishes through a mapping rule as
+//! receiving), a channel's confirmed update and queued readings, the browser must log no console message, and its screenshot must
 //! not be blank. Then `http.users` (applied by SIGHUP) puts the page behind a
 //! password.
 //!
@@ -129,6 +130,33 @@ fn device_row<'a>(html: &'a str, device: &str) -> &'a str {
     &html[start..end]
 }
 
+/// The text of each cell of one channel's `<tr>` (tags removed).
+fn channel_cells(html: &str, channel: u64) -> Vec<String> {
+    let start = html
+        .find(&format!("<tr class=\"channel\" data-channel=\"{channel}\""))
+        .unwrap_or_else(|| panic!("no row for channel {channel} in\n{html}"));
+    let row = &html[start..];
+    let row = &row[..row.find("</tr>").unwrap_or(row.len())];
+    row.split("<td")
+        .skip(1)
+        .map(|cell| {
+            let cell = cell.split_once('>').map_or("", |(_, rest)| rest);
+            let cell = cell.split("</td>").next().unwrap_or_default();
+            let mut text = String::new();
+            let mut in_tag = false;
+            for c in cell.chars() {
+                match c {
+                    '<' => in_tag = true,
+                    '>' => in_tag = false,
+                    c if !in_tag => text.push(c),
+                    _ => {}
+                }
+            }
+            text
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_every_device_in_a_real_browser() {
     let emulator = emulator(Duration::from_secs(1)).await;
@@ -162,16 +190,27 @@ name = "greenhouse"
 topic = "greenhouse/temperature"
 channel = 1002
 parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts" }}
+
+[mqtt.users]
+greenhouse-esp = "greenhouse-password"
 "#
     );
     let config = write_config(
         dir.path(),
         &config_toml(&emulator, dir.path(), 1.0, &devices),
     );
-    let gateway = Gateway::start(&config);
+    // With an account configured, the other test devices (anonymous) need this.
+    let gateway = Gateway::start_with_env(&config, &[("TSGW_MQTT__ALLOW_ANONYMOUS", "true")]);
 
     // A sensor whose last hour of readings makes a plot, with their own times.
-    let sensor = device(gateway.mqtt, "greenhouse-sensor").await;
+    // It logs in as an account: its readings are the rule's ("greenhouse").
+    let sensor = device_as(
+        gateway.mqtt,
+        "greenhouse-sensor",
+        "greenhouse-esp",
+        "greenhouse-password",
+    )
+    .await;
     let now = chrono::Utc::now().timestamp();
     for minute in (0..60).rev() {
         let value = 20.0 + 4.0 * (f64::from(minute) / 9.0).sin();
@@ -203,6 +242,12 @@ parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts
             && p.contains("<b class=\"value\">19.25</b>")
             && p.contains("<b class=\"value\">21.5</b>")
             && p.contains("data-device=\"greenhouse\"")
+            && p.contains("60 readings through rule")
+    })
+    .await;
+    // ThingSpeak (the emulator) confirms the meter's channel.
+    page_until(&gateway, "a confirmed update of channel 1003", |p| {
+        p.contains("data-channel=\"1003\"") && channel_cells(p, 1003)[2] != "—"
     })
     .await;
     // The upstream password of the config never shows.
@@ -250,6 +295,30 @@ parser = {{ format = "json", fields = {{ "/v" = "field1" }}, time_pointer = "/ts
         row.contains("1001 field2 = <b class=\"value\">55</b>"),
         "{row}"
     );
+    // The account that publishes through the rule is receiving, not "no
+    // readings yet", and names the rule and channel its readings went to.
+    let row = device_row(&dom, "greenhouse-esp");
+    assert!(row.contains(">receiving<"), "{row}");
+    assert!(!row.contains("no readings yet"), "{row}");
+    assert!(
+        row.contains("60 readings through rule <b>greenhouse</b> to channel 1002"),
+        "{row}"
+    );
+    // Channel 1003 (the meter's): columns Channel, Last update sent, Last
+    // confirmed, Next window, Queued, ...
+    let cells = channel_cells(&dom, 1003);
+    let is_clock = |text: &str| {
+        let (clock, ago) = text.split_once(' ').unwrap_or_default();
+        clock.len() == 8
+            && clock
+                .split(':')
+                .all(|n| n.len() == 2 && n.parse::<u8>().is_ok())
+            && ago.starts_with('(')
+            && ago.ends_with(" ago)")
+    };
+    assert!(is_clock(&cells[1]), "last sent: {cells:?}");
+    assert!(is_clock(&cells[2]), "last confirmed: {cells:?}");
+    assert!(cells[4].parse::<u64>().is_ok(), "queued: {cells:?}");
     // Drop-in publishes without an account are the device "drop_in".
     let row = device_row(&dom, "drop_in");
     assert!(

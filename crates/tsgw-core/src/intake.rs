@@ -7,6 +7,8 @@
 //! has it flushed (one fsync covers every batch that waits: group commit) and
 //! then resolves the ack. The front awaits the matching [`Durable`].
 
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
 
 use crate::reading::Reading;
@@ -17,6 +19,11 @@ pub struct IngestBatch {
     pub readings: Vec<Reading>,
     /// Present when the source waits until the readings are fsynced.
     pub durable: Option<DurableAck>,
+    /// The MQTT account that published them, when it logged in as one.
+    /// Readings a mapping rule made are named after the rule, so without
+    /// this the status page could not tell that the account is sending.
+    /// Shared with the session: handing it over allocates nothing.
+    pub publisher: Option<Arc<str>>,
 }
 
 /// The writer's half: resolve it once the batch is on disk (or never will be).

@@ -301,6 +301,11 @@ fn load_counts(
 ) -> Result<(Counts, u64), Failure> {
     let recorded = stored_counts(tree)?;
     progress.enter(OpenPhase::Counting);
+    // The record (plus what was pushed after it) is what the scan should
+    // find: the progress can count down to it.
+    if let Some((counts, _)) = &recorded {
+        progress.expect(counts.total().readings);
+    }
     let scanned = scan(tree, metrics, progress)?;
     let mut max_seq = scanned.max_seq;
     if let Some((mut expected, covered_seq)) = recorded {
@@ -476,6 +481,7 @@ fn finish_chunked_removal(
     let failed = |e| broken_unless_environment("finishing an interrupted removal", e);
     let mut removed = 0;
     progress.enter(OpenPhase::FinishingRemoval);
+    progress.expect(keys.len() as u64);
     for chunk in keys.chunks(REMOVE_CHUNK) {
         let removal = intent::removal(tree, chunk, counts).map_err(failed)?;
         removed += removal.readings();

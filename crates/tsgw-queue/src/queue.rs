@@ -1383,7 +1383,18 @@ mod tests {
         let state = progress.state();
         assert_eq!(state.phase, crate::OpenPhase::Open);
         assert_eq!(state.items, 3, "the scan counted every reading");
+        assert_eq!(
+            state.expected, None,
+            "no counts record: no total to count down"
+        );
         assert_eq!(q.len(), 3);
+        drop(q);
+        // The open stored a counts record: the next one knows the total.
+        let progress = OpenProgress::new();
+        let _q = DurableQueue::open_with_progress(&config, Metrics::new(), &progress).unwrap();
+        let state = progress.state();
+        assert_eq!((state.items, state.expected), (3, Some(3)));
+        assert_eq!(state.left(), Some(0));
     }
 
     #[test]

@@ -57,6 +57,18 @@ impl Device {
         Self::start(broker, id, options(broker, id), capacity).await
     }
 
+    /// [`Device::connect`] logged in as an account of `[mqtt.users]`.
+    pub async fn connect_as(
+        broker: SocketAddr,
+        id: &str,
+        (user, password): (&str, &str),
+        capacity: usize,
+    ) -> Result<Device> {
+        let mut opts = options(broker, id);
+        opts.set_credentials(user, password);
+        Self::start(broker, id, opts, capacity).await
+    }
+
     /// [`Device::connect`] with a persistent session (clean session off):
     /// publishes the gateway did not acknowledge are sent again after a
     /// reconnect, as the gateway expects when it cannot store them (it acks

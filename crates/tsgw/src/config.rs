@@ -23,6 +23,9 @@ use tsgw_serial::SerialPortConfig;
 
 mod describe;
 
+/// The config file commands read when not given one (`--config`, `TSGW_CONFIG`).
+pub const DEFAULT_CONFIG: &str = "/etc/tsgw/gateway.toml";
+
 /// Prefix of environment variables that override config keys
 /// (`TSGW_UPSTREAM__PASSWORD` sets `upstream.password`).
 pub const ENV_PREFIX: &str = "TSGW_";
@@ -130,7 +133,7 @@ impl GatewayConfig {
             };
             anyhow::anyhow!(describe::describe(e, &origins))
         })?;
-        config.validate()?;
+        config.check().map_err(|invalid| invalid.in_file(path))?;
         Ok(config)
     }
 
@@ -149,42 +152,64 @@ impl GatewayConfig {
 
     /// Checks what serde cannot: cross-field rules, compilable parsers, reachable files.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.check().map_err(|invalid| invalid.error)
+    }
+
+    /// [`validate`](Self::validate), with the table each error is about.
+    fn check(&self) -> Result<(), Invalid> {
+        let at = |table: &[&str]| {
+            let table: Vec<String> = table.iter().map(|s| (*s).to_owned()).collect();
+            move |error: anyhow::Error| Invalid { table, error }
+        };
         self.upstream
             .validate()
-            .context("invalid [upstream] section")?;
-        tsgw_mqtt::validate(&self.mqtt).context("invalid [mqtt] section")?;
+            .context("invalid [upstream] section")
+            .map_err(at(&["upstream"]))?;
+        tsgw_mqtt::validate(&self.mqtt).map_err(|e| Invalid {
+            table: mqtt_table(&e),
+            error: anyhow::Error::new(e).context("invalid [mqtt] section"),
+        })?;
         for (i, port) in self.serial.iter().enumerate() {
             port.validate()
-                .with_context(|| format!("invalid [[serial]] #{} ({:?})", i + 1, port.name))?;
+                .with_context(|| format!("invalid [[serial]] #{} ({:?})", i + 1, port.name))
+                .map_err(at(&["serial", &i.to_string()]))?;
         }
         for (i, device) in self.modbus.iter().enumerate() {
             device
                 .validate()
-                .with_context(|| format!("invalid [[modbus]] #{} ({:?})", i + 1, device.name))?;
+                .with_context(|| format!("invalid [[modbus]] #{} ({:?})", i + 1, device.name))
+                .map_err(at(&["modbus", &i.to_string()]))?;
         }
         let mut names = std::collections::HashSet::new();
-        for name in self
-            .serial
-            .iter()
-            .map(|p| &p.name)
-            .chain(self.modbus.iter().map(|d| &d.name))
-        {
+        let devices = (self.serial.iter().enumerate())
+            .map(|(i, p)| (&p.name, "serial", i))
+            .chain(
+                self.modbus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (&d.name, "modbus", i)),
+            );
+        for (name, section, i) in devices {
             if !names.insert(name) {
-                bail!("device name {name:?} is used twice: names label metrics and logs, so they must be unique across [[serial]] and [[modbus]]");
+                return Err(at(&[section, &i.to_string()])(anyhow::anyhow!(
+                    "device name {name:?} is used twice: names label metrics and logs, so they must be unique across [[serial]] and [[modbus]]"
+                )));
             }
         }
         crate::downlink::config::validate(&self.downlink, &self.modbus, &self.serial)
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|(i, e)| at(&["downlink", &i.to_string()])(anyhow::anyhow!(e)))?;
         crate::ops::status::auth::Users::validate(&self.http.users)
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|e| at(&["http", "users"])(anyhow::anyhow!(e)))?;
         if !(1..=3600).contains(&self.http.refresh_secs) {
-            bail!(
+            return Err(at(&["http", "refresh_secs"])(anyhow::anyhow!(
                 "http.refresh_secs = {} is outside 1..=3600",
                 self.http.refresh_secs
-            );
+            )));
         }
         if self.queue.max_bytes == 0 {
-            bail!("queue.max_bytes must be above 0");
+            return Err(at(&["queue", "max_bytes"])(anyhow::anyhow!(
+                "queue.max_bytes must be above 0"
+            )));
         }
         if self
             .log
@@ -192,10 +217,10 @@ impl GatewayConfig {
             .parse::<tracing_subscriber::EnvFilter>()
             .is_err()
         {
-            bail!(
+            return Err(at(&["log", "level"])(anyhow::anyhow!(
                 "log.level {:?} is not a valid tracing filter",
                 self.log.level
-            );
+            )));
         }
         Ok(())
     }
@@ -203,6 +228,53 @@ impl GatewayConfig {
     /// The config as TOML, secrets masked: what `check-config` prints.
     pub fn to_masked_toml(&self) -> anyhow::Result<String> {
         toml::to_string_pretty(self).context("cannot render the config as TOML")
+    }
+}
+
+/// A failed check, and the config table it is about (`["serial", "0"]`):
+/// the file's line for that table tells the user where to look.
+struct Invalid {
+    table: Vec<String>,
+    error: anyhow::Error,
+}
+
+impl Invalid {
+    /// The error, prefixed with `file, line N` where the table is written in
+    /// `file` (a table set only from the environment has no line: no prefix).
+    fn in_file(self, file: &Path) -> anyhow::Error {
+        let line = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| describe::line_of(&text, &self.table));
+        match line {
+            // One message, not a context chain: a plain `{}` (the reload's
+            // log line) would show only the outermost context.
+            Some(line) => anyhow::anyhow!("{}, line {line}: {:#}", file.display(), self.error),
+            None => self.error,
+        }
+    }
+}
+
+/// The table of `[mqtt]` an error is about.
+fn mqtt_table(e: &tsgw_mqtt::MqttSourceError) -> Vec<String> {
+    use tsgw_mqtt::auth::AccountError;
+    use tsgw_mqtt::rules::RuleError;
+    use tsgw_mqtt::MqttSourceError;
+    let path = |p: &[&str]| p.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    match e {
+        MqttSourceError::Rule(
+            RuleError::Filter { index, .. }
+            | RuleError::Format { index, .. }
+            | RuleError::EmptyName { index },
+        ) => path(&["mqtt", "rules", &index.to_string()]),
+        MqttSourceError::Account(
+            AccountError::BadHash { user, .. } | AccountError::EmptyPassword { user },
+        ) => path(&["mqtt", "users", user]),
+        // `mqtt.users.plc.publish`: the deepest part the file has is found.
+        MqttSourceError::Account(AccountError::Acl(acl)) => {
+            acl.key.split('.').map(str::to_owned).collect()
+        }
+        MqttSourceError::Tls(_) => path(&["mqtt", "tls"]),
+        _ => path(&["mqtt"]),
     }
 }
 
@@ -289,6 +361,58 @@ mod tests {
         );
         let err = GatewayConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("lsiten"), "{err}");
+    }
+
+    /// `load`'s error for `MINIMAL` plus `extra`, and the file's path.
+    fn load_error(extra: &str) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, &format!("{MINIMAL}{extra}"));
+        let err = GatewayConfig::load(&path).unwrap_err();
+        (format!("{err:#}"), path.display().to_string())
+    }
+
+    #[test]
+    fn validation_errors_name_the_file_and_the_line_of_their_table() {
+        // `extra` starts on MINIMAL's last line, line 8 (after its indent).
+        let serial = |name: &str, baud: u32| {
+            format!(
+                "[[serial]]\nname = \"{name}\"\npath = \"/dev/ttyUSB0\"\nchannel = 1\nbaud = {baud}\n\
+                 parser = {{ format = \"plain\", target = \"field1\" }}\n"
+            )
+        };
+        let (err, path) = load_error(&format!("{}{}", serial("a", 9600), serial("b", 0)));
+        assert!(
+            err.starts_with(&format!("{path}, line 14: invalid [[serial]] #2 (\"b\"): ")),
+            "{err}"
+        );
+        assert!(err.contains("baud: must be greater than 0"), "{err}");
+
+        // The second of two devices of one name is at fault.
+        let (err, path) = load_error(&format!("{}{}", serial("a", 9600), serial("a", 9600)));
+        assert!(
+            err.starts_with(&format!("{path}, line 14: device name \"a\" is used twice")),
+            "{err}"
+        );
+
+        let (err, path) = load_error(
+            "[[mqtt.rules]]\nname = \"ok\"\ntopic = \"a\"\nchannel = 1\n\
+             parser = { format = \"plain\", target = \"field1\" }\n\
+             [[mqtt.rules]]\nname = \"r\"\ntopic = \"a/#/b\"\nchannel = 1\n\
+             parser = { format = \"plain\", target = \"field1\" }\n",
+        );
+        assert!(
+            err.starts_with(&format!(
+                "{path}, line 13: invalid [mqtt] section: mqtt.rules[1] (\"r\").topic"
+            )),
+            "{err}"
+        );
+
+        // A key of a table written earlier in the file: its own line.
+        let (err, path) = load_error("[http]\nrefresh_secs = 0\n");
+        assert!(
+            err.starts_with(&format!("{path}, line 9: http.refresh_secs = 0")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ enum Command {
             long,
             short,
             env = "TSGW_CONFIG",
-            default_value = "/etc/tsgw/gateway.toml"
+            default_value = config::DEFAULT_CONFIG
         )]
         config: PathBuf,
     },
@@ -47,7 +47,7 @@ enum Command {
             long,
             short,
             env = "TSGW_CONFIG",
-            default_value = "/etc/tsgw/gateway.toml"
+            default_value = config::DEFAULT_CONFIG
         )]
         config: PathBuf,
         /// Also poll every [[serial]] and [[modbus]] device once and print the
@@ -77,7 +77,7 @@ enum Command {
             long,
             short,
             env = "TSGW_CONFIG",
-            default_value = "/etc/tsgw/gateway.toml"
+            default_value = config::DEFAULT_CONFIG
         )]
         config: PathBuf,
         /// The gateway's HTTP address instead (`HOST:PORT`).

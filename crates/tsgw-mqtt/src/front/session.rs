@@ -202,6 +202,7 @@ where
     let (to_device, from_inbound) = mpsc::channel(PENDING_ACK_BATCHES);
     let inbound = Inbound {
         ctx: &ctx,
+        publisher: identity.user.as_deref().map(Arc::from),
         identity,
         owner: &session.owner,
         patches: &patches,
@@ -296,6 +297,8 @@ struct Chunk {
 struct Inbound<'a> {
     ctx: &'a Context,
     identity: Identity,
+    /// The account's name, once per connection, for every batch it hands over.
+    publisher: Option<Arc<str>>,
     /// This session's name in the local subscription registry.
     owner: &'a str,
     patches: &'a SubackPatches,
@@ -646,6 +649,7 @@ impl Inbound<'_> {
             let batch = IngestBatch {
                 readings: chunk.readings,
                 durable: ack,
+                publisher: self.publisher.clone(),
             };
             let stopping = || Dropped::Io("the gateway is stopping".into());
             match self.ctx.intake.try_send(batch) {

@@ -253,20 +253,28 @@ impl DownlinkRule {
 
 /// Checks every rule against the devices and ports they name; the error
 /// names the rule.
+/// Checks every rule; the error is the index of the rule at fault and what is wrong.
 pub fn validate(
     rules: &[DownlinkRule],
     modbus: &[ModbusDeviceConfig],
     serial: &[SerialPortConfig],
-) -> Result<(), String> {
+) -> Result<(), (usize, String)> {
     let mut names = HashSet::new();
     for (i, rule) in rules.iter().enumerate() {
-        rule.validate(modbus, serial)
-            .map_err(|e| format!("invalid [[downlink]] #{} ({:?}): {e}", i + 1, rule.name))?;
+        rule.validate(modbus, serial).map_err(|e| {
+            (
+                i,
+                format!("invalid [[downlink]] #{} ({:?}): {e}", i + 1, rule.name),
+            )
+        })?;
         if !names.insert(rule.name.as_str()) {
-            return Err(format!(
-                "[[downlink]] #{}: the name {:?} is used twice (it keys the state kept on disk)",
-                i + 1,
-                rule.name
+            return Err((
+                i,
+                format!(
+                    "[[downlink]] #{}: the name {:?} is used twice (it keys the state kept on disk)",
+                    i + 1,
+                    rule.name
+                ),
             ));
         }
     }
@@ -318,7 +326,8 @@ mod tests {
                 _ => unreachable!(),
             }
         });
-        let e = validate(&[bad], &plc(), &[]).unwrap_err();
+        let (at, e) = validate(&[bad], &plc(), &[]).unwrap_err();
+        assert_eq!(at, 0);
         assert!(
             e.contains("#1 (\"setpoint\")") && e.contains("no [[modbus]] device"),
             "{e}"
@@ -328,9 +337,11 @@ mod tests {
         swapped.min = Some(40.0);
         assert!(validate(&[swapped], &plc(), &[])
             .unwrap_err()
+            .1
             .contains("min (40) is above max (30)"));
-        let e = validate(&[r.clone(), r.clone()], &plc(), &[]).unwrap_err();
+        let (at, e) = validate(&[r.clone(), r.clone()], &plc(), &[]).unwrap_err();
         assert!(e.contains("used twice"), "{e}");
+        assert_eq!(at, 1, "the second rule of the name is at fault");
 
         let mqtt = rule(
             r#"
@@ -351,7 +362,7 @@ mod tests {
             action.modbus = { device = "plc", kind = "coil", address = 3, scale = 2 }
             "#,
         );
-        let e = validate(&[coil.unwrap()], &plc(), &[]).unwrap_err();
+        let (_, e) = validate(&[coil.unwrap()], &plc(), &[]).unwrap_err();
         assert!(e.contains("a coil takes no type"), "{e}");
         let lat: Result<DownlinkRule, _> = toml::from_str(
             r#"
@@ -363,6 +374,7 @@ mod tests {
         );
         assert!(validate(&[lat.unwrap()], &[], &[])
             .unwrap_err()
+            .1
             .contains("expected field1..field8 or status"));
     }
 }

@@ -11,6 +11,8 @@
 //! a flush runs. Batches without an ack (QoS 0, polled devices) are made
 //! durable by the queue's own flush interval.
 
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -70,6 +72,8 @@ pub async fn run(
     let throttle = LogThrottle::new(Duration::from_secs(10));
     let mut readings = Vec::with_capacity(MAX_BATCH);
     let mut batches = Vec::with_capacity(MAX_MQTT_BATCHES);
+    // Which MQTT account published which of `readings`, for the status page.
+    let mut publishers: Vec<(Arc<str>, Range<usize>)> = Vec::with_capacity(MAX_MQTT_BATCHES);
     let mut acks: Vec<DurableAck> = Vec::new();
     let (mut polled_open, mut mqtt_open) = (true, true);
     while polled_open || mqtt_open {
@@ -81,7 +85,11 @@ pub async fn run(
             n = mqtt.recv_many(&mut batches, MAX_MQTT_BATCHES), if mqtt_open => {
                 mqtt_open = n > 0;
                 for batch in batches.drain(..) {
+                    let start = readings.len();
                     readings.extend(batch.readings);
+                    if let Some(account) = batch.publisher {
+                        publishers.push((account, start..readings.len()));
+                    }
                     acks.extend(batch.durable);
                 }
             }
@@ -110,9 +118,10 @@ pub async fn run(
             }
         };
         if stored {
-            recent.observe(&readings);
+            recent.observe_published(&readings, &publishers);
         }
         readings.clear();
+        publishers.clear();
         if acks.is_empty() {
             continue;
         }

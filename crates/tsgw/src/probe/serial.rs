@@ -1,11 +1,14 @@
 //! `tsgw probe serial PATH`: prints the lines a serial device sends as they
 //! arrive, each with what the parser makes of it: the port's parser from the
-//! config (when a `[[serial]]` there uses PATH) or `--parser`.
+//! config (when a `[[serial]]` there uses PATH, or another name of the same
+//! device: `/dev/serial/by-id/...` is `/dev/ttyUSB0`) or `--parser`. The
+//! config is `--config`, else `TSGW_CONFIG`, else /etc/tsgw/gateway.toml
+//! when that exists, as for the other commands.
 //!
 //! Opening, framing and parsing are the gateway's own (`tsgw_serial::once`,
 //! `tsgw_core::extract`), so a line the probe parses is one the gateway takes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,7 +18,7 @@ use tsgw_serial::framing::Frame;
 use tsgw_serial::once::LineReader;
 use tsgw_serial::SerialPortConfig;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, DEFAULT_CONFIG};
 
 #[derive(Debug, Args)]
 pub struct SerialProbe {
@@ -28,7 +31,8 @@ pub struct SerialProbe {
     /// Default: the configured port's parser; without one, lines are shown raw.
     #[arg(long, value_name = "TOML")]
     pub parser: Option<String>,
-    /// A config whose `[[serial]]` entry for PATH gives the settings and parser.
+    /// A config whose `[[serial]]` entry for PATH gives the settings and parser
+    /// [default: /etc/tsgw/gateway.toml, if it exists].
     #[arg(long, short, env = "TSGW_CONFIG")]
     pub config: Option<PathBuf>,
     /// Send this (escapes as in poll.command, e.g. 'READ\r\n') every second,
@@ -43,19 +47,58 @@ pub struct SerialProbe {
     pub seconds: Option<u64>,
 }
 
-/// The port's settings: the config's entry for the path, or defaults; the
-/// command line overrides.
-fn port_config(probe: &SerialProbe) -> anyhow::Result<(SerialPortConfig, bool)> {
-    let configured = match &probe.config {
-        Some(path) if path.exists() => GatewayConfig::load(path)?
-            .serial
-            .into_iter()
-            .find(|p| p.path == probe.path),
-        Some(path) => anyhow::bail!("config file {} does not exist", path.display()),
-        None => None,
+/// The config's `[[serial]]` entry for PATH and the file it is in. A config
+/// given (`--config`, `TSGW_CONFIG`) must load; the default one is read only
+/// if it exists, and one that does not load is skipped with a warning: the
+/// probe is for trying a device out before its config is right.
+fn configured_port(
+    probe: &SerialProbe,
+    default: &Path,
+) -> anyhow::Result<Option<(SerialPortConfig, PathBuf)>> {
+    let (file, given) = match &probe.config {
+        Some(file) => (file.clone(), true),
+        None => (default.to_path_buf(), false),
     };
-    let from_config = configured.is_some();
-    let mut port = match configured {
+    if !file.exists() {
+        anyhow::ensure!(!given, "config file {} does not exist", file.display());
+        return Ok(None);
+    }
+    let config = match GatewayConfig::load(&file) {
+        Ok(config) => config,
+        Err(e) if !given => {
+            eprintln!(
+                "not using {} ({e:#}); give --parser, or --config with a valid file",
+                file.display()
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(same_port(config.serial, &probe.path).map(|port| (port, file)))
+}
+
+/// The entry for `path`: the same name, or the same device file once
+/// symlinks are resolved (udev's `/dev/serial/by-id/...` names point at
+/// `/dev/ttyUSB0` and the like).
+fn same_port(ports: Vec<SerialPortConfig>, path: &Path) -> Option<SerialPortConfig> {
+    let device = |p: &Path| std::fs::canonicalize(p).ok();
+    let wanted = device(path);
+    ports
+        .into_iter()
+        .find(|port| port.path == path || (wanted.is_some() && device(&port.path) == wanted))
+}
+
+/// The port's settings: the config's entry for the path, or defaults; the
+/// command line overrides. Also the config entry's name and file, if used.
+fn port_config(
+    probe: &SerialProbe,
+    default_config: &Path,
+) -> anyhow::Result<(SerialPortConfig, bool, Option<String>)> {
+    let configured = configured_port(probe, default_config)?;
+    let from_config = configured
+        .as_ref()
+        .map(|(port, file)| format!("[[serial]] {:?} in {}", port.name, file.display()));
+    let mut port = match configured.map(|(port, _)| port) {
         Some(port) => port,
         None => toml::from_str::<SerialPortConfig>(&format!(
             "name = \"probe\"\npath = {:?}\nchannel = 1\nparser = {{ format = \"plain\", target = \"status\" }}\n",
@@ -68,7 +111,7 @@ fn port_config(probe: &SerialProbe) -> anyhow::Result<(SerialPortConfig, bool)> 
     if let Some(baud) = probe.baud {
         port.baud = baud;
     }
-    let has_parser = from_config || probe.parser.is_some();
+    let has_parser = from_config.is_some() || probe.parser.is_some();
     if let Some(text) = &probe.parser {
         port.parser = parse_parser(text)?;
     }
@@ -80,7 +123,7 @@ fn port_config(probe: &SerialProbe) -> anyhow::Result<(SerialPortConfig, bool)> 
         });
     }
     port.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((port, has_parser))
+    Ok((port, has_parser, from_config))
 }
 
 /// `--parser` as the inline table a config would hold.
@@ -95,7 +138,7 @@ fn parse_parser(text: &str) -> anyhow::Result<PayloadFormat> {
 }
 
 pub async fn run(probe: SerialProbe) -> anyhow::Result<()> {
-    let (port, has_parser) = port_config(&probe)?;
+    let (port, has_parser, from_config) = port_config(&probe, Path::new(DEFAULT_CONFIG))?;
     let extractor = if has_parser {
         Some(
             Extractor::compile(&port.parser, port.channel)
@@ -107,14 +150,16 @@ pub async fn run(probe: SerialProbe) -> anyhow::Result<()> {
     let mut reader = LineReader::open(&port).await.map_err(|e| {
         anyhow::anyhow!("{e} (a gateway using this port holds it: stop it while probing)")
     })?;
+    let settings = match (&extractor, &from_config, probe.parser.is_some()) {
+        (None, _, _) => " (no parser: lines are shown raw; give --parser or --config)".to_owned(),
+        (Some(_), Some(entry), false) => format!(" (settings and parser of {entry})"),
+        (Some(_), Some(entry), true) => format!(" (settings of {entry}, parser from --parser)"),
+        (Some(_), None, _) => String::new(),
+    };
     eprintln!(
-        "reading {} at {} baud{}; Ctrl-C stops",
+        "reading {} at {} baud{settings}; Ctrl-C stops",
         probe.path.display(),
         port.baud,
-        match &extractor {
-            Some(_) => "",
-            None => " (no parser: lines are shown raw; give --parser or --config)",
-        }
     );
     let command = reader.poll_command().map(<[u8]>::to_vec);
     let deadline = probe
@@ -203,6 +248,103 @@ mod tests {
         );
         assert_eq!(describe(&Frame::Line(b"raw".to_vec()), None, 64), "\"raw\"");
         assert!(describe(&Frame::Overlong, None, 64).contains("over 64 bytes"));
+    }
+
+    fn probe(path: &Path, config: Option<PathBuf>) -> SerialProbe {
+        SerialProbe {
+            path: path.to_path_buf(),
+            baud: None,
+            parser: None,
+            config,
+            poll: None,
+            lines: None,
+            seconds: None,
+        }
+    }
+
+    const CONFIG: &str = r#"
+[upstream]
+client_id = "c"
+username = "u"
+password = "p"
+[queue]
+dir = "/tmp/tsgw-never-opened"
+[[serial]]
+name = "arduino"
+path = "PORT"
+channel = 1002
+baud = 19200
+parser = { format = "key_value", fields = { t = "field2" } }
+"#;
+
+    #[test]
+    fn a_symlink_to_the_configured_port_is_the_same_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let tty = dir.path().join("ttyUSB0");
+        std::fs::write(&tty, "").unwrap();
+        let by_id = dir.path().join("usb-Arduino_Uno-if00");
+        std::os::unix::fs::symlink(&tty, &by_id).unwrap();
+        let file = dir.path().join("gateway.toml");
+        let config = |port: &Path| {
+            std::fs::write(&file, CONFIG.replace("PORT", &port.display().to_string())).unwrap();
+        };
+        // The config names the device, the probe its by-id link, and the other way round.
+        for (configured, probed) in [(&tty, &by_id), (&by_id, &tty), (&tty, &tty)] {
+            config(configured);
+            let (port, has_parser, from) = port_config(
+                &probe(probed, Some(file.clone())),
+                Path::new("/nonexistent"),
+            )
+            .unwrap();
+            assert_eq!(
+                (port.name.as_str(), port.baud, has_parser),
+                ("arduino", 19200, true)
+            );
+            assert_eq!(
+                from.unwrap(),
+                format!("[[serial]] \"arduino\" in {}", file.display())
+            );
+        }
+        // Another device is not that port.
+        let other = dir.path().join("ttyUSB1");
+        std::fs::write(&other, "").unwrap();
+        let (port, has_parser, from) = port_config(
+            &probe(&other, Some(file.clone())),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        assert_eq!((port.baud, has_parser, from), (9600, false, None));
+    }
+
+    #[test]
+    fn the_default_config_is_used_when_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let tty = dir.path().join("ttyUSB0");
+        std::fs::write(&tty, "").unwrap();
+        let default = dir.path().join("gateway.toml");
+        // None there: defaults.
+        let (port, has_parser, _) = port_config(&probe(&tty, None), &default).unwrap();
+        assert_eq!((port.baud, has_parser), (9600, false));
+        std::fs::write(&default, CONFIG.replace("PORT", &tty.display().to_string())).unwrap();
+        let (port, has_parser, from) = port_config(&probe(&tty, None), &default).unwrap();
+        assert_eq!((port.baud, has_parser), (19200, true));
+        assert!(from.unwrap().ends_with(&default.display().to_string()));
+        // A default that does not load is skipped; a config given must load.
+        std::fs::write(&default, "[upstream]\nbogus = 1\n").unwrap();
+        let (port, has_parser, _) = port_config(&probe(&tty, None), &default).unwrap();
+        assert_eq!((port.baud, has_parser), (9600, false));
+        let err = port_config(
+            &probe(&tty, Some(default.clone())),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("bogus"), "{err:#}");
+        let missing = dir.path().join("missing.toml");
+        let err = port_config(&probe(&tty, Some(missing.clone())), &default).unwrap_err();
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

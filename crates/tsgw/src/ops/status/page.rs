@@ -229,7 +229,7 @@ fn devices(out: &mut String, page: &StatusPage) {
             when(d.last_stored, page.now),
             when(d.last_measured, page.now),
         );
-        if d.values.is_empty() {
+        if d.values.is_empty() && d.via.is_none() {
             out.push('—');
         }
         for (what, value) in &d.values {
@@ -238,6 +238,16 @@ fn devices(out: &mut String, page: &StatusPage) {
                 "<span>{} = <b class=\"value\">{}</b></span>",
                 escape(what),
                 escape(value)
+            );
+        }
+        // An account's rule readings show under the rule: say which.
+        if let Some(via) = &d.via {
+            let _ = write!(
+                out,
+                "<span class=\"via\">{} through rule <b>{}</b> to channel {}</span>",
+                plural(via.readings, "reading"),
+                escape(&via.rule),
+                via.channel
             );
         }
         let _ = write!(
@@ -393,15 +403,22 @@ fn queue(out: &mut String, page: &StatusPage) {
     } else {
         let _ = write!(
             out,
-            "opening: {} for {}{}",
+            "opening: {} for {}",
             q.open.phase.describe(),
             duration(q.open.elapsed),
-            if q.open.items > 0 {
-                format!(", {} readings so far", q.open.items)
-            } else {
-                String::new()
-            }
         );
+        if q.open.items > 0 {
+            let _ = write!(out, ", {} readings so far", q.open.items);
+        }
+        if let Some(rate) = q.open.rate() {
+            let _ = write!(out, ", {rate:.1} readings/s");
+        }
+        if let Some(left) = q.open.left() {
+            let _ = write!(out, ", {left} left");
+            if let Some(eta) = q.open.eta() {
+                let _ = write!(out, ", done in about {}", duration(eta));
+            }
+        }
     }
     let fill = if q.max_bytes > 0 {
         format!(
@@ -437,7 +454,9 @@ fn queue(out: &mut String, page: &StatusPage) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::status::snapshot::{DeviceRow, QueueView, UpstreamView};
+    use crate::ops::status::snapshot::{
+        BackfillRow, ChannelRow, DeviceRow, QueueView, UpstreamView, Via,
+    };
     use chrono::TimeZone;
     use tsgw_core::SourceKind;
     use tsgw_queue::OpenState;
@@ -462,6 +481,8 @@ mod tests {
                     phase: OpenPhase::Counting,
                     items: 5000,
                     elapsed: Duration::from_secs(40),
+                    phase_elapsed: Duration::from_secs(20),
+                    expected: Some(20_000),
                 },
                 readings: 3,
                 bytes: 2048,
@@ -494,7 +515,36 @@ mod tests {
             accepted: 1,
             rejected: 0,
             errors: Vec::new(),
+            via: None,
         }
+    }
+
+    #[test]
+    fn an_account_row_names_the_rule_it_sends_through() {
+        let now = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+        let account = DeviceRow {
+            values: Vec::new(),
+            last_stored: Some(now - chrono::Duration::seconds(3)),
+            via: Some(Via {
+                rule: "green<house>".into(),
+                channel: tsgw_core::ChannelId::new(1002).unwrap(),
+                readings: 60,
+            }),
+            ..device("esp", "")
+        };
+        let html = render(&page(vec![account]), Duration::from_secs(10));
+        let row = &html[html.find("data-device=\"esp\"").unwrap()..];
+        let row = &row[..row.find("</tr>").unwrap()];
+        assert!(row.contains(">receiving<"), "{row}");
+        assert!(row.contains("(3 s ago)"), "{row}");
+        assert!(
+            row.contains("60 readings through rule <b>green&lt;house&gt;</b> to channel 1002"),
+            "{row}"
+        );
+        assert!(
+            row.contains("<td class=\"values\"><span class=\"via\">"),
+            "an account sending through a rule has no dash for values: {row}"
+        );
     }
 
     #[test]
@@ -511,19 +561,218 @@ mod tests {
         assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"));
     }
 
+    /// Every address the page would make a browser fetch or follow: the
+    /// values of `src`, `href` (and `xlink:href`), `srcset`, `action` and
+    /// `poster` attributes, and CSS `url(...)` and `@import`s.
+    fn addresses(html: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let lower = html.to_ascii_lowercase();
+        for attr in ["src", "href", "srcset", "action", "poster"] {
+            let needle = format!("{attr}=");
+            for (at, _) in lower.match_indices(&needle) {
+                // An attribute name starts after a space or a namespace colon.
+                let before = lower[..at].chars().next_back();
+                if !matches!(before, Some(' ' | '\t' | '\n' | ':')) {
+                    continue;
+                }
+                let rest = &html[at + needle.len()..];
+                let value = match rest.chars().next() {
+                    Some(q @ ('"' | '\'')) => rest[1..].split(q).next().unwrap_or_default(),
+                    _ => rest
+                        .split(|c: char| c.is_whitespace() || c == '>')
+                        .next()
+                        .unwrap_or_default(),
+                };
+                found.push(value.to_owned());
+            }
+        }
+        for (at, _) in lower.match_indices("url(") {
+            let value = html[at + 4..].split(')').next().unwrap_or_default();
+            found.push(value.trim().trim_matches(['"', '\'']).to_owned());
+        }
+        // `@import url(...)` is found above; this is `@import "..."`.
+        for (at, _) in lower.match_indices("@import") {
+            let rest = html[at + 7..].trim_start();
+            if let Some(q @ ('"' | '\'')) = rest.chars().next() {
+                found.push(rest[1..].split(q).next().unwrap_or_default().to_owned());
+            }
+        }
+        found
+    }
+
+    /// `data:` or a path on the gateway itself; no scheme, no `//host`.
+    fn stays_on_the_gateway(address: &str) -> bool {
+        if address.to_ascii_lowercase().starts_with("data:") {
+            return true;
+        }
+        let scheme = address.split_once(':').is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        });
+        // `\\host` is `//host` to a browser.
+        !scheme && !address.starts_with("//") && !address.starts_with("\\\\")
+    }
+
+    #[test]
+    fn the_fetch_check_sees_what_a_browser_would_fetch() {
+        let bad = [
+            "<img src=\"http://cdn.example/x.png\">",
+            "<script src='https://cdn.example/chart.js'></script>",
+            "<link rel=stylesheet href=//cdn.example/x.css>",
+            "<use xlink:href=\"https://cdn.example/s.svg#a\"/>",
+            "<div style=\"background:url('https://cdn.example/bg.png')\"></div>",
+            "<style>@import 'https://cdn.example/x.css';</style>",
+            "<img src=\"\\\\cdn.example\\x.png\">",
+        ];
+        for html in bad {
+            let found = addresses(html);
+            assert!(
+                !found.is_empty() && !found.iter().all(|a| stays_on_the_gateway(a)),
+                "{html}: {found:?}"
+            );
+        }
+        let good = "<link rel=\"icon\" href=\"data:,\"><a href=\"/tail\">tail</a>\
+                    <svg xmlns=\"http://www.w3.org/2000/svg\"></svg><p data-src=\"x\">";
+        assert_eq!(addresses(good), ["data:,", "/tail"]);
+        assert!(addresses(good).iter().all(|a| stays_on_the_gateway(a)));
+    }
+
     #[test]
     fn the_page_refreshes_itself_and_fetches_nothing() {
-        let html = render(&page(vec![device("esp", "21.5")]), Duration::from_secs(10));
+        let mut p = page(vec![device("esp", "21.5")]);
+        // With a plot, so the SVG (and its namespace) is in the page.
+        p.plots = vec![crate::ops::status::snapshot::Plot {
+            channel: tsgw_core::ChannelId::new(1001).unwrap(),
+            target: tsgw_core::Target::Field(tsgw_core::Field::new(1).unwrap()),
+            buckets: vec![crate::ops::status::recent::Bucket {
+                start: p.now.timestamp() - 60,
+                min: 1.0,
+                max: 2.0,
+                sum: 3.0,
+                count: 2,
+            }],
+        }];
+        let html = render(&p, Duration::from_secs(10));
         assert!(html.contains("<meta http-equiv=\"refresh\" content=\"10\">"));
         assert!(!html.contains("<script"));
-        assert!(!html.contains("http://") || !html.contains("src=\"http"));
+        assert!(html.contains("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        let addresses = addresses(&html);
+        assert!(
+            addresses.iter().all(|a| stays_on_the_gateway(a)),
+            "the page fetches from elsewhere: {addresses:?}"
+        );
         assert!(html.contains("<b class=\"value\">21.5</b>"));
         assert!(
             html.contains("opening: counting queued readings for 40 s, 5000 readings so far"),
             "{html}"
         );
+        // 5000 in the phase's 20 s: 250 a second, 15000 left, 60 s.
+        assert!(
+            html.contains(
+                "5000 readings so far, 250.0 readings/s, 15000 left, done in about 1 min 0 s</td>"
+            ),
+            "{html}"
+        );
         assert!(html.contains("2.0 KiB (50.0 % of 4.0 KiB)"), "{html}");
         assert!(html.contains("full: 1 in the last hour (2 in all)"));
+    }
+
+    /// The `<tr>` that starts at `marker`.
+    fn row<'a>(html: &'a str, marker: &str) -> &'a str {
+        let start = html
+            .find(marker)
+            .unwrap_or_else(|| panic!("no {marker} in\n{html}"));
+        let row = &html[start..];
+        &row[..row.find("</tr>").unwrap()]
+    }
+
+    #[test]
+    fn channel_rows_show_times_backlog_and_the_oldest_reading() {
+        let mut p = page(Vec::new());
+        let now = p.now;
+        let secs = chrono::Duration::seconds;
+        let ch = |n| tsgw_core::ChannelId::new(n).unwrap();
+        p.channels = vec![
+            ChannelRow {
+                channel: ch(1001),
+                last_sent: Some(now - secs(12)),
+                last_confirmed: Some(now - secs(75)),
+                next_window: Some(now + secs(3)),
+                queued: Some(250),
+                oldest_queued: Some(now - secs(7200)),
+                backlog_readings: 240,
+                backlog_windows: 16,
+                sent: 9,
+                confirmed: 8,
+                dropped: vec![ErrorCount {
+                    reason: "rejected".into(),
+                    last_hour: 1,
+                    total: 3,
+                }],
+            },
+            ChannelRow {
+                channel: ch(1002),
+                last_sent: None,
+                last_confirmed: None,
+                next_window: Some(now - secs(4)),
+                queued: None,
+                oldest_queued: None,
+                backlog_readings: 0,
+                backlog_windows: 0,
+                sent: 0,
+                confirmed: 0,
+                dropped: Vec::new(),
+            },
+        ];
+        let html = render(&p, Duration::from_secs(10));
+        // 1_700_000_000 is 22:13:20 UTC.
+        assert_eq!(
+            row(&html, "<tr class=\"channel\" data-channel=\"1001\">"),
+            "<tr class=\"channel\" data-channel=\"1001\"><td>1001</td>\
+             <td>22:13:08 (12 s ago)</td><td>22:12:05 (1 min 15 s ago)</td>\
+             <td>22:13:23 (in 3 s)</td><td class=\"num\">250</td>\
+             <td>20:13:20 (2 h 0 min ago)</td><td>240 readings in 16 windows</td>\
+             <td class=\"num\">9 sent, 8 confirmed</td>\
+             <td><ul class=\"errors\"><li>rejected: 1 in the last hour (3 in all)</li></ul></td>"
+        );
+        // A window past its time waits for the connection; no queue yet is a dash.
+        assert_eq!(
+            row(&html, "<tr class=\"channel\" data-channel=\"1002\">"),
+            "<tr class=\"channel\" data-channel=\"1002\"><td>1002</td><td>—</td><td>—</td>\
+             <td>due since 4 s</td><td class=\"num\">—</td><td>—</td><td>none</td>\
+             <td class=\"num\">0 sent, 0 confirmed</td><td>none</td>"
+        );
+    }
+
+    #[test]
+    fn backfill_rows_show_what_is_left_the_rate_and_the_eta() {
+        let mut p = page(Vec::new());
+        let backfill = |channel: &str, rate: Option<f64>, eta: Option<u64>| BackfillRow {
+            channel: channel.into(),
+            readings: 12_000,
+            windows: 800,
+            rate,
+            eta: eta.map(Duration::from_secs),
+        };
+        p.upstream.backfill = vec![
+            backfill("1001", Some(42.5), Some(282)),
+            backfill("1002", Some(0.0), None),
+            backfill("1003", None, None),
+        ];
+        let html = render(&p, Duration::from_secs(10));
+        let cell = html
+            .split("<tr><th>Backfill</th><td>")
+            .nth(1)
+            .and_then(|rest| rest.split("</td>").next())
+            .unwrap();
+        assert_eq!(
+            cell,
+            "<div>channel 1001: 12000 readings in 800 windows left, 42.5 readings/s, done in about 4 min 42 s</div>\
+             <div>channel 1002: 12000 readings in 800 windows left, 0.0 readings/s, not shrinking</div>\
+             <div>channel 1003: 12000 readings in 800 windows left, rate not measured yet, ETA once measured</div>"
+        );
     }
 
     #[test]

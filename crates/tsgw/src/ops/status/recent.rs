@@ -1,16 +1,19 @@
 //! What recently entered the queue: each device's last reading and values,
-//! each channel field's last hour in buckets (for the plots), and a live feed
-//! of stored readings for `tsgw tail`.
+//! each channel field's last hour in buckets (for the plots), each MQTT
+//! account's last publish through a mapping rule, and a live feed of stored
+//! readings for `tsgw tail`.
 //!
-//! The queue writer hands every batch it stored to [`RecentReadings::observe`];
-//! everything here is bounded, whatever the devices send: at most
-//! [`MAX_DEVICES`] devices (the longest quiet is forgotten first), at most
-//! [`MAX_VALUES_PER_DEVICE`] last values per device, at most [`MAX_SERIES`]
-//! plotted fields of [`BUCKETS`] buckets each, and a tail feed of
-//! [`TAIL_BATCHES`] batches that a slow follower lags behind rather than holds
-//! up.
+//! The queue writer hands every batch it stored, with the MQTT accounts that
+//! published it, to [`RecentReadings::observe_published`]; everything here
+//! is bounded, whatever the devices send: at most [`MAX_DEVICES`] devices
+//! and [`MAX_PUBLISHERS`] accounts (the longest quiet is forgotten first), at
+//! most [`MAX_VALUES_PER_DEVICE`] last values per device, at most
+//! [`MAX_SERIES`] plotted fields of [`BUCKETS`] buckets each, and a tail feed
+//! of [`TAIL_BATCHES`] batches that a slow follower lags behind rather than
+//! holds up.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -19,6 +22,8 @@ use tsgw_core::{ChannelId, Origin, Reading, Target, Value};
 
 /// Devices remembered; beyond this the one quiet longest is forgotten.
 pub const MAX_DEVICES: usize = 256;
+/// MQTT accounts remembered; beyond this the one quiet longest is forgotten.
+pub const MAX_PUBLISHERS: usize = 256;
 /// Last values kept per device (one per channel and target).
 pub const MAX_VALUES_PER_DEVICE: usize = 16;
 /// Channel fields plotted; fields beyond this are not plotted.
@@ -77,6 +82,36 @@ impl DeviceRecent {
     }
 }
 
+/// What an MQTT account last sent through a mapping rule. Its readings are
+/// the rule's (named after it); this is what shows the account is sending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublisherRecent {
+    /// When its last reading entered the queue.
+    pub last_stored: DateTime<Utc>,
+    /// When its last reading was measured.
+    pub last_measured: DateTime<Utc>,
+    /// The rule that made its last reading.
+    pub rule: String,
+    /// That reading's channel.
+    pub channel: ChannelId,
+    /// Readings stored through rules since the gateway started.
+    pub readings: u64,
+}
+
+impl PublisherRecent {
+    fn update(&mut self, reading: &Reading, now: DateTime<Utc>) {
+        self.last_stored = now;
+        self.last_measured = self.last_measured.max(reading.measured_at);
+        self.readings += 1;
+        self.channel = reading.channel;
+        // Reuses the name's buffer: the same rule (the usual case) costs a
+        // comparison, another one allocates only if its name is longer.
+        if self.rule != reading.origin.device {
+            self.rule.clone_from(&reading.origin.device);
+        }
+    }
+}
+
 /// One plot bucket: the numbers measured in `[start, start + BUCKET_SECS)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bucket {
@@ -97,6 +132,7 @@ impl Bucket {
 #[derive(Default)]
 struct Tracker {
     devices: HashMap<Origin, DeviceRecent>,
+    publishers: HashMap<Arc<str>, PublisherRecent>,
     series: HashMap<(ChannelId, Target), VecDeque<Bucket>>,
     /// Numbers that could not be plotted because [`MAX_SERIES`] was reached.
     unplotted: u64,
@@ -106,6 +142,8 @@ struct Tracker {
 #[derive(Debug, Clone, Default)]
 pub struct RecentSnapshot {
     pub devices: BTreeMap<Origin, DeviceRecent>,
+    /// By account name.
+    pub publishers: BTreeMap<String, PublisherRecent>,
     /// Buckets of the last hour, oldest first.
     pub series: BTreeMap<(ChannelId, Target), Vec<Bucket>>,
     pub unplotted: u64,
@@ -124,16 +162,36 @@ impl RecentReadings {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records readings that were just stored in the queue.
-    pub fn observe(&self, readings: &[Reading]) {
-        self.observe_at(readings, Utc::now());
+    /// Readings stored at `now` with no account known to have sent them.
+    #[cfg(test)]
+    pub fn observe_at(&self, readings: &[Reading], now: DateTime<Utc>) {
+        self.observe_published_at(readings, &[], now);
     }
 
-    pub fn observe_at(&self, readings: &[Reading], now: DateTime<Utc>) {
+    /// Records readings that were just stored in the queue, with the MQTT
+    /// accounts that published them: `readings[range]` came from `account`.
+    pub fn observe_published(&self, readings: &[Reading], publishers: &[(Arc<str>, Range<usize>)]) {
+        self.observe_published_at(readings, publishers, Utc::now());
+    }
+
+    pub fn observe_published_at(
+        &self,
+        readings: &[Reading],
+        publishers: &[(Arc<str>, Range<usize>)],
+        now: DateTime<Utc>,
+    ) {
         if readings.is_empty() {
             return;
         }
-        self.lock().observe(readings, now);
+        {
+            let mut tracker = self.lock();
+            tracker.observe(readings, now);
+            for (account, range) in publishers {
+                if let Some(published) = readings.get(range.clone()) {
+                    tracker.published(account, published, now);
+                }
+            }
+        }
         // Copying the batch costs only while someone follows.
         if self.tail.receiver_count() > 0 {
             let _ = self.tail.send(Arc::new(readings.to_vec()));
@@ -153,6 +211,11 @@ impl RecentReadings {
                 .devices
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            publishers: tracker
+                .publishers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
             series: tracker
                 .series
@@ -198,6 +261,41 @@ impl Tracker {
         };
         device.update(reading, now);
         self.devices.insert(reading.origin.clone(), device);
+    }
+
+    /// `account`'s readings: those a rule made (named after the rule) are
+    /// its last publish; drop-in readings carry the account's own name and
+    /// are its device row already.
+    fn published(&mut self, account: &Arc<str>, readings: &[Reading], now: DateTime<Utc>) {
+        for reading in readings {
+            if reading.origin.device == **account {
+                continue;
+            }
+            // The common case, a known account, allocates nothing.
+            if let Some(publisher) = self.publishers.get_mut(account) {
+                publisher.update(reading, now);
+                continue;
+            }
+            if self.publishers.len() >= MAX_PUBLISHERS {
+                let quietest = self
+                    .publishers
+                    .iter()
+                    .min_by_key(|(_, p)| p.last_stored)
+                    .map(|(account, _)| account.clone());
+                if let Some(account) = quietest {
+                    self.publishers.remove(&account);
+                }
+            }
+            let mut publisher = PublisherRecent {
+                last_stored: now,
+                last_measured: reading.measured_at,
+                rule: reading.origin.device.clone(),
+                channel: reading.channel,
+                readings: 0,
+            };
+            publisher.update(reading, now);
+            self.publishers.insert(account.clone(), publisher);
+        }
     }
 
     fn plot(&mut self, reading: &Reading, number: f64, now: DateTime<Utc>) {
@@ -371,6 +469,137 @@ mod tests {
         assert!(snap.series.len() <= MAX_SERIES);
         assert!(snap.unplotted > 0);
         assert!(snap.series.values().all(|b| b.len() <= BUCKETS));
+    }
+
+    fn mqtt(rule: &str, channel: u64, measured: i64) -> Reading {
+        let mut r = reading(rule, 1, Value::Number(1.0), measured);
+        r.origin.source = SourceKind::Mqtt;
+        r.channel = ChannelId::new(channel).unwrap();
+        r
+    }
+
+    #[test]
+    fn accounts_publishing_through_rules_are_remembered() {
+        let recent = RecentReadings::new();
+        let esp: Arc<str> = Arc::from("esp");
+        let batch = [
+            mqtt("greenhouse", 1002, 5),
+            // Its own drop-in publish: that is the account's device row already.
+            mqtt("esp", 1001, 6),
+            // Another account's batch in the same write.
+            mqtt("kitchen", 1003, 7),
+        ];
+        recent.observe_published_at(
+            &batch,
+            &[(esp.clone(), 0..2), (Arc::from("other"), 2..3)],
+            at(10),
+        );
+        let snap = recent.snapshot(at(11));
+        let seen = &snap.publishers["esp"];
+        assert_eq!(
+            (seen.rule.as_str(), seen.channel, seen.readings),
+            ("greenhouse", ChannelId::new(1002).unwrap(), 1)
+        );
+        assert_eq!((seen.last_stored, seen.last_measured), (at(10), at(5)));
+        assert_eq!(snap.publishers["other"].rule, "kitchen");
+        // A later publish through another rule moves it there.
+        recent.observe_published_at(&[mqtt("shed", 1004, 20)], &[(esp, 0..1)], at(21));
+        let seen = &recent.snapshot(at(22)).publishers["esp"];
+        assert_eq!(
+            (
+                seen.rule.as_str(),
+                seen.channel,
+                seen.readings,
+                seen.last_stored
+            ),
+            ("shed", ChannelId::new(1004).unwrap(), 2, at(21))
+        );
+        // The readings count for their rules' devices as before.
+        assert_eq!(
+            recent.snapshot(at(22)).devices[&Origin::new(SourceKind::Mqtt, "greenhouse")].readings,
+            1
+        );
+    }
+
+    #[test]
+    fn accounts_stay_bounded() {
+        let recent = RecentReadings::new();
+        for n in 0..(MAX_PUBLISHERS + 10) {
+            let account: Arc<str> = Arc::from(format!("user{n}").as_str());
+            recent.observe_published_at(
+                &[mqtt("rule", 1, n as i64)],
+                &[(account, 0..1)],
+                at(n as i64),
+            );
+        }
+        let snap = recent.snapshot(at(MAX_PUBLISHERS as i64 + 10));
+        assert_eq!(snap.publishers.len(), MAX_PUBLISHERS);
+        assert!(!snap.publishers.contains_key("user0"), "the quietest stays");
+        assert!(snap
+            .publishers
+            .contains_key(&format!("user{}", MAX_PUBLISHERS + 9)));
+    }
+
+    #[test]
+    fn a_known_device_and_account_update_allocates_nothing() {
+        let recent = RecentReadings::new();
+        let esp: Arc<str> = Arc::from("esp");
+        let publishers = [(esp, 0..2)];
+        let batch = [mqtt("greenhouse", 1002, 5), mqtt("greenhouse", 1002, 6)];
+        recent.observe_published_at(&batch, &publishers, at(10));
+        let allocations = counting::allocations_during(|| {
+            recent.observe_published_at(&batch, &publishers, at(11));
+        });
+        assert_eq!(allocations, 0);
+        // The counter does see allocations.
+        assert!(counting::allocations_during(|| drop(std::hint::black_box(vec![1u8; 16]))) > 0);
+        assert_eq!(recent.snapshot(at(12)).publishers["esp"].readings, 4);
+    }
+
+    /// Counts the allocations of the calling thread (other tests' threads
+    /// allocate meanwhile and must not count).
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        struct Counting;
+
+        thread_local! {
+            static COUNT: Cell<Option<u64>> = const { Cell::new(None) };
+        }
+
+        // SAFETY: every call is passed to the system allocator unchanged.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                count();
+                System.alloc(layout)
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                System.dealloc(ptr, layout)
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                count();
+                System.alloc_zeroed(layout)
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                count();
+                System.realloc(ptr, layout, new_size)
+            }
+        }
+
+        fn count() {
+            // `try_with`: a thread being torn down has no counter any more.
+            let _ = COUNT.try_with(|c| c.set(c.get().map(|n| n + 1)));
+        }
+
+        #[global_allocator]
+        static ALLOCATOR: Counting = Counting;
+
+        pub fn allocations_during(f: impl FnOnce()) -> u64 {
+            COUNT.with(|c| c.set(Some(0)));
+            f();
+            COUNT.with(|c| c.replace(None)).unwrap_or(0)
+        }
     }
 
     #[tokio::test]

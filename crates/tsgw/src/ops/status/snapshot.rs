@@ -116,6 +116,18 @@ pub struct DeviceRow {
     pub accepted: u64,
     pub rejected: u64,
     pub errors: Vec<ErrorCount>,
+    /// For an MQTT account: the mapping rule its last reading went through
+    /// (its readings show under the rule's row).
+    pub via: Option<Via>,
+}
+
+/// The rule an MQTT account last published through, and to which channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Via {
+    pub rule: String,
+    pub channel: ChannelId,
+    /// Readings the account sent through rules since the gateway started.
+    pub readings: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -336,6 +348,19 @@ fn device_row(
 ) -> DeviceRow {
     let origin = tsgw_core::Origin::new(source, name.clone());
     let recent = inputs.recent.devices.get(&origin);
+    // An account whose readings a rule made: they are stored under the
+    // rule's name, and this is when the account itself was last heard.
+    let published = match source {
+        SourceKind::Mqtt => inputs.recent.publishers.get(&name),
+        SourceKind::Serial | SourceKind::Modbus => None,
+    };
+    // `None` orders before any time: the later of the two that are known.
+    let last_stored = recent
+        .map(|r| r.last_stored)
+        .max(published.map(|p| p.last_stored));
+    let last_measured = recent
+        .map(|r| r.last_measured)
+        .max(published.map(|p| p.last_measured));
     let having = [("source", source.as_str()), ("device", name.as_str())];
     let state = match source {
         SourceKind::Serial | SourceKind::Modbus => {
@@ -345,10 +370,8 @@ fn device_row(
                 None => DeviceState::Unknown,
             }
         }
-        SourceKind::Mqtt => match recent {
-            Some(r)
-                if (inputs.now - r.last_stored).to_std().unwrap_or_default() < MQTT_RECEIVING =>
-            {
+        SourceKind::Mqtt => match last_stored {
+            Some(t) if (inputs.now - t).to_std().unwrap_or_default() < MQTT_RECEIVING => {
                 DeviceState::Receiving
             }
             Some(_) => DeviceState::Quiet,
@@ -382,8 +405,13 @@ fn device_row(
         source,
         configured,
         state,
-        last_stored: recent.map(|r| r.last_stored),
-        last_measured: recent.map(|r| r.last_measured),
+        last_stored,
+        last_measured,
+        via: published.map(|p| Via {
+            rule: p.rule.clone(),
+            channel: p.channel,
+            readings: p.readings,
+        }),
         values: recent
             .map(|r| {
                 r.values
@@ -544,6 +572,8 @@ mod tests {
                 phase: OpenPhase::Open,
                 items: 0,
                 elapsed: Duration::ZERO,
+                phase_elapsed: Duration::ZERO,
+                expected: None,
             },
             disk: (None, None),
         })
@@ -627,6 +657,53 @@ mod tests {
             }]
         );
         assert_eq!(p.plots.len(), 1);
+    }
+
+    #[test]
+    fn an_account_publishing_through_a_rule_is_receiving() {
+        let configured = ConfiguredView {
+            devices: [
+                (SourceKind::Mqtt, "greenhouse".to_owned()),
+                (SourceKind::Mqtt, "esp".to_owned()),
+                (SourceKind::Mqtt, "idle".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            ..ConfiguredView::default()
+        };
+        let recent = RecentReadings::new();
+        recent.observe_published_at(
+            &[Reading {
+                channel: ch(1002),
+                target: Target::Field(Field::new(1).unwrap()),
+                value: Value::Number(21.5),
+                measured_at: at(90),
+                origin: Origin::new(SourceKind::Mqtt, "greenhouse"),
+            }],
+            &[(std::sync::Arc::from("esp"), 0..1)],
+            at(95),
+        );
+        let p = page(&Families::default(), &recent.snapshot(at(100)), &configured);
+        let row = |name: &str| p.devices.iter().find(|d| d.name == name).unwrap();
+        let esp = row("esp");
+        assert_eq!(esp.state, DeviceState::Receiving);
+        assert_eq!(
+            (esp.last_stored, esp.last_measured),
+            (Some(at(95)), Some(at(90)))
+        );
+        assert_eq!(
+            esp.via,
+            Some(Via {
+                rule: "greenhouse".into(),
+                channel: ch(1002),
+                readings: 1
+            })
+        );
+        // The values stay on the rule's row.
+        assert!(esp.values.is_empty());
+        assert_eq!(row("greenhouse").values.len(), 1);
+        assert_eq!(row("greenhouse").via, None);
+        assert_eq!(row("idle").state, DeviceState::Unknown);
     }
 
     #[test]
