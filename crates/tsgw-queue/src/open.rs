@@ -454,6 +454,7 @@ fn finish_whole_removal(
 ) -> Result<(), Failure> {
     let failed = |e| broken_unless_environment("finishing an interrupted removal", e);
     progress.enter(OpenPhase::FinishingRemoval);
+    progress.expect(keys.len() as u64);
     // What these records count is in `counts_after` already.
     let removal = intent::removal(tree, keys, &mut Counts::default()).map_err(failed)?;
     let removed = removal.readings();
