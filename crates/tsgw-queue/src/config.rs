@@ -26,9 +26,10 @@ pub struct QueueConfig {
     pub max_bytes: u64,
     /// Readings are durable (fsynced) at most this long after `push` returned,
     /// unless a waiting QoS 1 ack flushes sooner. Also how often the queue
-    /// gauges are refreshed. 10 s by default: every flush writes at least a
-    /// 4 KiB page, so at 1 reading/s a 1 s interval wrote ~5 KiB per reading
-    /// and 10 s ~1.1 KiB (`tsgw-bench wear`; the README's table).
+    /// gauges are refreshed. 15 s by default (a free ThingSpeak channel's
+    /// update interval): what a flush writes is a few 4 KiB pages whatever it
+    /// holds, so at 1 reading/s 10 s wrote ~1.1 KiB per reading and 15 s
+    /// ~0.8 KiB (`tsgw-bench wear`; the README's table).
     pub flush_interval_ms: u64,
     /// Memory sled may use for its page cache (its own default is 1 GiB).
     pub cache_capacity_bytes: u64,
@@ -39,7 +40,7 @@ impl Default for QueueConfig {
         Self {
             dir: PathBuf::from("/var/lib/tsgw/queue"),
             max_bytes: 64 * 1024 * 1024,
-            flush_interval_ms: 10_000,
+            flush_interval_ms: 15_000,
             cache_capacity_bytes: 4 * 1024 * 1024,
         }
     }
