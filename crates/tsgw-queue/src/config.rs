@@ -28,8 +28,8 @@ pub struct QueueConfig {
     /// unless a waiting QoS 1 ack flushes sooner. Also how often the queue
     /// gauges are refreshed. 15 s by default (a free ThingSpeak channel's
     /// update interval): what a flush writes is a few 4 KiB pages whatever it
-    /// holds, so at 1 reading/s 10 s wrote ~1.1 KiB per reading and 15 s
-    /// ~0.8 KiB (`tsgw-bench wear`; the README's table).
+    /// holds, so at 1 reading/s 10 s wrote ~1.0 KiB per reading and 15 s
+    /// ~0.9 KiB over an hour (`tsgw-bench wear`; the README's table).
     pub flush_interval_ms: u64,
     /// Memory sled may use for its page cache (its own default is 1 GiB).
     pub cache_capacity_bytes: u64,
