@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::batch::Batch;
 use crate::config::Auth;
 
-use super::doubt::{same_entry, Doubt};
+use super::doubt::same_entry;
 use super::{unix_seconds, Conn, Forwarder, IDLE, STORE_RETRY};
 
 /// Checks (subscribe again, wait for the channel's newest entry) that may find
@@ -292,15 +292,7 @@ impl Forwarder {
                     "update in doubt got no echo (ThingSpeak may have it already); the channel \
                      goes on, and the echo of its next update settles it"
                 );
-                self.evidence
-                    .entry(channel)
-                    .or_default()
-                    .doubts
-                    .push(Doubt {
-                        batch: p.batch,
-                        written: p.written,
-                        survive: None,
-                    });
+                self.set_aside(channel, p, None);
                 now
             }
             Stage::AwaitEcho { .. } => {
@@ -340,15 +332,7 @@ impl Forwarder {
                         created_at = ?p.batch.created_at().map(|t| thingspeak::format_timestamp(&t)),
                         "update never confirmed; kept in doubt (not restamped), the channel goes on"
                     );
-                    self.evidence
-                        .entry(channel)
-                        .or_default()
-                        .doubts
-                        .push(Doubt {
-                            batch: p.batch,
-                            written: p.written,
-                            survive: None,
-                        });
+                    self.set_aside(channel, p, None);
                     return now;
                 }
                 tracing::info!(%channel, "update not stored by ThingSpeak; resending it");

@@ -36,7 +36,7 @@ use tsgw_core::QueueKey;
 use crate::batch::{window_len, Batch};
 use crate::rest::ReadResult;
 
-use super::confirm::same_value;
+use super::confirm::{same_value, Pending};
 use super::poison::RIGHT_AFTER;
 use super::Forwarder;
 
@@ -189,6 +189,21 @@ fn describe(values: impl Iterator<Item = (Target, String)>) -> String {
 }
 
 impl Forwarder {
+    /// Sets a written update aside as a doubt: its readings stay queued and
+    /// out of new windows while the channel goes on. `survive` is when it was
+    /// written, where "written" counts (see [`Doubt::survive`]).
+    pub(super) fn set_aside(&mut self, channel: ChannelId, p: Pending, survive: Option<Instant>) {
+        self.evidence
+            .entry(channel)
+            .or_default()
+            .doubts
+            .push(Doubt {
+                batch: p.batch,
+                written: p.written,
+                survive,
+            });
+    }
+
     /// The previous run may have written a window that closed before this
     /// run started (it sent only closed windows).
     pub(super) fn inherited(&self, channel: ChannelId, created_at: DateTime<Utc>) -> bool {

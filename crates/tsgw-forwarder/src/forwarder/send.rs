@@ -15,7 +15,7 @@ use crate::batch::{aggregate, group, Batch, Group, Policies, Rejected};
 use crate::config::{Auth, Backfill};
 
 use super::confirm::{Pending, Stage, Sub};
-use super::doubt::{Doubt, Verdict};
+use super::doubt::Verdict;
 use super::{unix_seconds, Conn, Forwarder, InFlight, IDLE, STORE_RETRY};
 
 /// Most readings looked at per channel and pass. More wait for later passes.
@@ -116,15 +116,7 @@ impl Forwarder {
                 return;
             };
             self.next_check.remove(&channel);
-            self.evidence
-                .entry(channel)
-                .or_default()
-                .doubts
-                .push(Doubt {
-                    batch: p.batch,
-                    written: p.written,
-                    survive: Some(now),
-                });
+            self.set_aside(channel, p, Some(now));
         }
     }
 
