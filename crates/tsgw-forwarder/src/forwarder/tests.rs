@@ -649,6 +649,15 @@ async fn the_read_api_settles_a_previous_runs_windows_before_sending() {
     assert!(p.batch.created_at().unwrap() > first);
 }
 
+/// ThingSpeak closing the connection right after a publish it refuses.
+fn peer_close() -> ConnEventKind {
+    ConnEventKind::Closed(Closed {
+        reason: "closed_by_peer",
+        refused: None,
+        message: "connection closed by peer".into(),
+    })
+}
+
 #[tokio::test]
 async fn a_channel_whose_publish_closes_the_connection_is_parked_and_others_flow() {
     let store = Arc::new(MemStore::default());
@@ -658,13 +667,6 @@ async fn a_channel_whose_publish_closes_the_connection_is_parked_and_others_flow
     push_at(&store, good, 2, 10, 2.0);
     let metrics = Metrics::new();
     let mut f = forwarder(false, store.clone(), metrics.clone());
-    let peer_close = || {
-        ConnEventKind::Closed(Closed {
-            reason: "closed_by_peer",
-            refused: None,
-            message: "connection closed by peer".into(),
-        })
-    };
     for round in 0..3u64 {
         let _loop = connect_as(&mut f, round);
         f.send_due(later(2 + 2 * round)).unwrap();
@@ -984,13 +986,6 @@ async fn a_parked_channel_leaves_the_others_every_slot() {
     push_at(&store, bad, 1, 30, 1.0);
     let metrics = Metrics::new();
     let mut f = forwarder(false, store.clone(), metrics.clone());
-    let peer_close = || {
-        ConnEventKind::Closed(Closed {
-            reason: "closed_by_peer",
-            refused: None,
-            message: "connection closed by peer".into(),
-        })
-    };
     for round in 0..3u64 {
         let _loop = connect_as(&mut f, round);
         f.send_due(later(2 + 2 * round)).unwrap();
